@@ -1,0 +1,84 @@
+"""Config -> the parts of a run: data, model, optimizer, callbacks, loggers, the Trainer."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.callbacks.base import Callback
+from trainer.checkpoint import Checkpointer
+from trainer.config import TrainConfig, build
+from trainer.data.datasets import DataSplits
+from trainer.data.loaders import eval_loader, train_loader
+from trainer.distributed.env import DistEnv
+from trainer.distributed.parallelize import parallelize
+from trainer.loggers.base import Logger, LoggerGroup
+from trainer.loop import Trainer
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+
+
+def build_data(cfg: TrainConfig) -> DataSplits:
+    return build(cfg.data.dataset, "data.dataset", cfg.allowed_targets)
+
+
+def build_model(cfg: TrainConfig, splits: DataSplits) -> torch.nn.Module:
+    return build(
+        cfg.model,
+        "model",
+        cfg.allowed_targets,
+        input_shape=splits.input_shape,
+        num_classes=splits.num_classes,
+    )
+
+
+def build_callbacks(cfg: TrainConfig) -> list[Callback]:
+    """The LR schedule first, then `callbacks` in config order (a null entry switches one off)."""
+    nodes = [("schedule", cfg.schedule)] + [(f"callbacks.{k}", v) for k, v in cfg.callbacks.items()]
+    return [build(node, key, cfg.allowed_targets) for key, node in nodes if node is not None]
+
+
+def build_loggers(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Logger:
+    if not env.is_global_zero:
+        return Logger()  # only rank zero writes logs
+    loggers = [
+        build(node, f"logger.{name}", cfg.allowed_targets, save_dir=str(run_dir))
+        for name, node in cfg.logger.items()
+        if node is not None
+    ]
+    return LoggerGroup(loggers)
+
+
+def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Trainer, int]:
+    """Returns the trainer and the model's parameter count."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    splits = build_data(cfg)
+    model = build_model(cfg, splits)
+    parameters = sum(p.numel() for p in model.parameters())
+    model = parallelize(model, cfg.parallel, env)
+    if cfg.compile:
+        model = torch.compile(model)
+    # The optimizer is built after wrapping so that it holds the wrapped (possibly sharded) params.
+    optimizer = build(cfg.optim, "optim", cfg.allowed_targets, params=model.parameters())
+    trainer = Trainer(
+        model=model,
+        optimizer=optimizer,
+        train_loader=train_loader(splits.train, cfg.data, env, cfg.seed),
+        val_loader=eval_loader(splits.val, cfg.data, env) if len(splits.val) else None,
+        test_loader=eval_loader(splits.test, cfg.data, env) if len(splits.test) else None,
+        cfg=cfg,
+        env=env,
+        callbacks=build_callbacks(cfg),
+        logger=build_loggers(cfg, env, run_dir),
+        checkpointer=Checkpointer(run_dir, cfg.checkpoint, cfg.resume),
+    )
+    return trainer, parameters

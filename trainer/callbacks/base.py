@@ -1,0 +1,61 @@
+"""The `Callback` base class. Its docstring is the map of the loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.state import TrainState
+
+
+class Callback:
+    """A plug-in for `Trainer.fit`. Override the hooks you need; each receives the `TrainState`.
+
+    Where each hook fires (`trainer/loop.py` is the code of this picture)::
+
+        on_fit_start                      after model, optimizer, loaders are built (and resumed)
+        while not done:
+            sampler.set_epoch(epoch)      # the loop does this, never a callback
+            on_epoch_start
+            for each optimizer step (grad_accum_steps micro-batches):
+                on_step_start
+                forward, backward, clip, optimizer.step()
+                state.step += 1
+                on_step_end               state.metrics holds "train/loss" on log steps
+                log metrics, save a checkpoint when due, agree on should_stop
+            validate -> on_eval_end       state.metrics holds "val/loss", "val/accuracy"
+            on_epoch_end
+            agree on should_stop
+        on_fit_end                        after the last step; the model is still wrapped
+        on_exception                      instead of the rest, if anything above raised
+
+    Callbacks run in config order. To stop, call `state.request_stop(reason)`: the loop reduces
+    the request across ranks so that every rank stops after the same step. To log, write into
+    `state.metrics`. Whatever `state_dict()` returns is saved in checkpoints and handed back to
+    `load_state_dict()` on resume; keep it to tensors and plain Python values.
+    """
+
+    def on_fit_start(self, state: TrainState) -> None: ...
+    def on_epoch_start(self, state: TrainState) -> None: ...
+    def on_step_start(self, state: TrainState) -> None: ...
+    def on_step_end(self, state: TrainState) -> None: ...
+    def on_eval_end(self, state: TrainState) -> None: ...
+    def on_epoch_end(self, state: TrainState) -> None: ...
+    def on_fit_end(self, state: TrainState) -> None: ...
+    def on_exception(self, state: TrainState, error: BaseException) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+HOOKS = (
+    "on_fit_start",
+    "on_epoch_start",
+    "on_step_start",
+    "on_step_end",
+    "on_eval_end",
+    "on_epoch_end",
+    "on_fit_end",
+)

@@ -1,0 +1,67 @@
+"""A rich progress bar on rank zero: step count, loss, throughput and ETA."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from trainer.callbacks.base import Callback
+from trainer.state import TrainState
+
+
+class ProgressBar(Callback):
+    def __init__(self, refresh_per_second: float = 4.0) -> None:
+        self.refresh_per_second = refresh_per_second
+        self.progress: Progress | None = None
+
+    def on_fit_start(self, state: TrainState) -> None:
+        if not state.is_global_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[speed]} samples/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            refresh_per_second=self.refresh_per_second,
+            transient=False,
+        )
+        self.task = self.progress.add_task(
+            "train",
+            total=state.max_steps,
+            completed=state.step,
+            epoch=state.epoch,
+            loss="-",
+            speed="-",
+        )
+        self.progress.start()
+
+    def on_step_end(self, state: TrainState) -> None:
+        if self.progress is None:
+            return
+        fields = {"epoch": state.epoch}
+        if "train/loss" in state.unlogged:  # fresh values only arrive on log steps
+            fields["loss"] = f"{state.metrics['train/loss']:.4f}"
+            fields["speed"] = f"{state.metrics['train/samples_per_second']:,.0f}"
+        self.progress.update(self.task, completed=state.step, **fields)
+
+    def on_fit_end(self, state: TrainState) -> None:
+        self._close()
+
+    def on_exception(self, state: TrainState, error: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,233 @@
+"""Checkpoints: one folder per step, committed atomically, verified by checksums before use.
+
+Layout of `<run dir>/checkpoints/step_00000120/`::
+
+    .metadata, __*_*.distcp   model and optimizer through torch.distributed.checkpoint (DCP):
+                              sharded per rank, reloadable on another world size
+    trainer_state.pt          loop counters, every callback's state, the grad scaler (rank 0)
+    rng_rank{r}.pt            each rank's torch / CUDA / numpy / random generator states
+    manifest.json             sha256 of every file above; written last
+
+A save goes to `step_N.partial/`; rank 0 writes the manifest once every rank has finished, then
+renames the folder to `step_N`, so a folder without `.partial` is complete by construction and a
+crash mid-save leaves the previous checkpoint untouched. Old checkpoints are deleted only after
+the new one is committed. Everything is loaded with `weights_only=True`: DCP's own `.metadata` is a
+pickle, so load checkpoints only from folders you trust (your run folder, or a path you name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from trainer.config import CheckpointConfig
+from trainer.distributed.env import barrier
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, damaged or does not fit the model."""
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | os.PathLike, cfg: CheckpointConfig, resume: str | None):
+        self.root = Path(run_dir) / "checkpoints"
+        self.cfg = cfg
+        self.resume = resume
+        self.last_saved_step = -1
+
+    # ------------------------------------------------------------------ when to save
+    def maybe_save(self, trainer: Trainer) -> None:
+        every = self.cfg.every_steps
+        if every and trainer.state.step % every == 0:
+            self.save(trainer)
+
+    def save_final(self, trainer: Trainer) -> None:
+        if self.cfg.save_final and self.last_saved_step != trainer.state.step:
+            self.save(trainer)
+
+    # ------------------------------------------------------------------ save
+    def save(self, trainer: Trainer) -> Path:
+        state, rank = trainer.state, trainer.env.rank
+        final = self.root / f"step_{state.step:08d}"
+        partial = final.with_name(final.name + ".partial")
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
+            partial.mkdir(parents=True)
+        barrier()
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
+        _save_atomic(_rng_state(), partial / f"rng_rank{rank}.pt")
+        if rank == 0:
+            _save_atomic(_trainer_state(trainer), partial / TRAINER_STATE)
+        barrier()
+        if rank == 0:
+            manifest = {
+                "step": state.step,
+                "world_size": trainer.env.world_size,
+                "files": {p.name: _sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
+            }
+            _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+            _fsync_dir(self.root)
+            self._delete_old()
+        barrier()
+        self.last_saved_step = state.step
+        return final
+
+    def _delete_old(self) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if not p.name.endswith(".partial"))
+        for old in complete[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ resume
+    def maybe_resume(self, trainer: Trainer) -> None:
+        if not self.resume:
+            return
+        if self.resume == "auto":
+            folder = self.newest_valid()
+            if folder is None:
+                return  # nothing saved yet: a fresh start
+        else:
+            folder = Path(self.resume)
+            verify(folder)
+        load(folder, trainer)
+        self.last_saved_step = trainer.state.step
+
+    def newest_valid(self) -> Path | None:
+        for folder in sorted(self.root.glob("step_*"), reverse=True):
+            if folder.name.endswith(".partial"):
+                continue
+            try:
+                verify(folder)
+                return folder
+            except CheckpointError as err:
+                warnings.warn(f"skipping checkpoint: {err}", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check the manifest and every file's checksum; raise CheckpointError naming what is wrong."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing, so the checkpoint is incomplete")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the manifest but missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted)")
+    return manifest
+
+
+def load(folder: Path, trainer: Trainer) -> None:
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+    try:
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+        set_state_dict(
+            trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd
+        )
+    except Exception as err:
+        raise CheckpointError(f"{folder}: does not fit this model/optimizer ({err})") from None
+    saved = torch.load(folder / TRAINER_STATE, weights_only=True)
+    trainer.state.load_state_dict(saved["state"])
+    trainer.scaler.load_state_dict(saved["scaler"])
+    for key, callback in _keyed(trainer.callbacks).items():
+        if key in saved["callbacks"]:
+            callback.load_state_dict(saved["callbacks"][key])
+    rng_file = folder / f"rng_rank{trainer.env.rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved: keep fresh seeds
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+# ---------------------------------------------------------------------- pieces
+
+
+def _keyed(callbacks: list) -> dict[str, Any]:
+    return {f"{i}:{type(cb).__name__}": cb for i, cb in enumerate(callbacks)}
+
+
+def _trainer_state(trainer: Trainer) -> dict[str, Any]:
+    return {
+        "state": trainer.state.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "callbacks": {k: cb.state_dict() for k, cb in _keyed(trainer.callbacks).items()},
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # numpy's state as tensors and plain values so that weights_only loading accepts it
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    kind, keys, pos, has_gauss, gauss = saved["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = saved["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_atomic(path, buffer.getvalue())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Datasets (`datasets.py`: builders returning `DataSplits`) and loaders (`loaders.py`)."""

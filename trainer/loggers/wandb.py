@@ -1,0 +1,40 @@
+"""Weights & Biases, offline by default: runs land in `<run dir>/wandb` and sync later with
+`wandb sync`. Set `logger.wandb.mode=online` (and log in) to stream them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from trainer.loggers.base import Logger
+
+
+class WandbLogger(Logger):
+    def __init__(
+        self,
+        save_dir: str,
+        project: str = "hooktrain",
+        name: str | None = None,
+        mode: str = "offline",
+        tags: list[str] | None = None,
+    ) -> None:
+        import wandb  # imported here: a run with wandb switched off never pays for the import
+
+        self.run = wandb.init(
+            project=project,
+            name=name,
+            dir=save_dir,
+            mode=mode,
+            tags=tags,
+            settings=wandb.Settings(silent=True, console="off"),
+            reinit="create_new",
+        )
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self.run.config.update(dict(config), allow_val_change=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def finish(self) -> None:
+        self.run.finish()

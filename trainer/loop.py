@@ -1,0 +1,279 @@
+"""The training loop: `Trainer.fit()`, `train_step()`, `evaluate()`. Read it top to bottom.
+
+The loop owns every distributed chore so that callbacks and user code never do: positioning the
+sampler for each epoch, skipping gradient sync during accumulation, reducing metrics across ranks,
+agreeing on stop decisions, and deciding when checkpoints are written. `Callback`'s docstring
+(trainer/callbacks/base.py) is the map of where each hook fires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer.callbacks.base import Callback
+from trainer.config import TrainConfig
+from trainer.data.loaders import start_epoch
+from trainer.distributed.env import DistEnv, all_reduce_sum, any_rank
+from trainer.distributed.parallelize import unwrap
+from trainer.loggers.base import Logger
+from trainer.state import TrainState
+
+Batch = Sequence[torch.Tensor]
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_loader: DataLoader,
+        val_loader: DataLoader | None,
+        test_loader: DataLoader | None,
+        cfg: TrainConfig,
+        env: DistEnv,
+        callbacks: Iterable[Callback] = (),
+        logger: Logger | None = None,
+        checkpointer: Any = None,  # trainer.checkpoint.Checkpointer; None saves nothing
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.test_loader = test_loader
+        self.cfg = cfg
+        self.env = env
+        self.callbacks = list(callbacks)
+        self.logger = logger or Logger()
+        self.checkpointer = checkpointer
+
+        self.batches_per_epoch = len(train_loader)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"the training split gives no batch of data.batch_size={train_loader.batch_size} "
+                f"on each of {env.world_size} process(es); lower the batch size"
+            )
+        max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.max_epochs * steps_per_epoch
+        self.state = TrainState(
+            model=model,
+            optimizer=optimizer,
+            max_steps=max_steps,
+            steps_per_epoch=steps_per_epoch,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+        # bf16 autocast needs no loss scaling; fp16 does, and only CUDA has fp16 autocast kernels.
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        if cfg.precision == "fp16" and env.device.type != "cuda":
+            raise ValueError("precision=fp16 needs a CUDA device; use precision=bf16 on CPU")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        # Steady-state throughput: time and samples inside train_step, the first step (warm-up,
+        # compilation) excluded.
+        self.timed_seconds = 0.0
+        self.timed_samples = 0
+        self.first_step_done: float | None = None  # wall-clock time when the first step finished
+        self._window = _Window()
+
+    # ---------------------------------------------------------------------------- fit
+    def fit(self) -> TrainState:
+        state = self.state
+        try:
+            if self.checkpointer is not None:
+                self.checkpointer.maybe_resume(self)
+            self._call("on_fit_start")
+            while state.step < state.max_steps and not state.should_stop:
+                self._train_epoch()
+            if self.checkpointer is not None:
+                self.checkpointer.save_final(self)
+            self._call("on_fit_end")
+            self._flush_logs()
+        except BaseException as err:
+            for callback in self.callbacks:
+                callback.on_exception(state, err)
+            raise
+        return state
+
+    def _train_epoch(self) -> None:
+        state, cfg = self.state, self.cfg
+        start_epoch(self.train_loader, state.epoch, cfg.seed, skip_batches=state.batches_in_epoch)
+        self._call("on_epoch_start")
+        for batches in _in_groups(self.train_loader, cfg.grad_accum_steps):
+            self._call("on_step_start")
+            started = time.perf_counter()
+            loss = self.train_step(batches)
+            samples = sum(len(b[0]) for b in batches) * self.env.world_size
+            if self.first_step_done is None:
+                self.first_step_done = time.time()
+            else:
+                self.timed_seconds += time.perf_counter() - started
+                self.timed_samples += samples
+            state.step += 1
+            state.batches_in_epoch += len(batches)
+            state.samples_seen += samples
+            self._window.add(loss, samples)
+            if self._should_log():
+                state.log(self._window.reduce(self.env))
+                state.log({"lr": self.optimizer.param_groups[0]["lr"], "epoch": state.epoch})
+            self._call("on_step_end")
+            if self._should_log():
+                self._flush_logs()
+            if self.checkpointer is not None:
+                self.checkpointer.maybe_save(self)
+            if state.step >= state.max_steps or self._agree_to_stop():
+                break
+        # A stop inside the epoch leaves it open, so that a resume continues inside it.
+        if state.batches_in_epoch >= self.batches_per_epoch:
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        state = self.state
+        every = self.cfg.val_every_epochs
+        if every and (state.epoch + 1) % every == 0:
+            self.validate()
+        self._call("on_epoch_end")
+        state.epoch += 1
+        state.batches_in_epoch = 0
+        self._agree_to_stop()
+
+    # ---------------------------------------------------------------------------- one step
+    def train_step(self, batches: Sequence[Batch]) -> torch.Tensor:
+        """Forward and backward over the micro-batches, then one optimizer step. Returns the mean
+        loss as a tensor (no host sync: `.item()` happens only on log steps)."""
+        self.model.train()
+        total = torch.zeros((), device=self.env.device)
+        for i, (inputs, targets) in enumerate(batches):
+            inputs = inputs.to(self.env.device, non_blocking=True)
+            targets = targets.to(self.env.device, non_blocking=True)
+            last = i == len(batches) - 1
+            # DDP all-reduces gradients in backward; during accumulation only the last one should.
+            with self._sync_gradients(last), self._autocast():
+                loss = self.loss(self.model(inputs), targets)
+            self.scaler.scale(loss / len(batches)).backward()
+            total += loss.detach()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(batches)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # One loss for both tasks: (B, C) vs (B,) for classification, (B, T, V) vs (B, T) for LMs.
+        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+    # ---------------------------------------------------------------------------- evaluation
+    def validate(self) -> dict[str, float]:
+        return self.evaluate(self.val_loader, "val")
+
+    def test(self) -> dict[str, float]:
+        return self.evaluate(self.test_loader, "test")
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader | None, split: str) -> dict[str, float]:
+        """Loss and accuracy over the whole split, summed exactly across ranks."""
+        if loader is None:
+            return {}
+        # The bare module: evaluation shards may differ in length across ranks, and a wrapper's
+        # per-forward collectives (DDP's buffer broadcast) would then wait forever.
+        model = unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss, correct, count
+        for inputs, targets in loader:
+            inputs = inputs.to(self.env.device, non_blocking=True)
+            targets = targets.to(self.env.device, non_blocking=True)
+            with self._autocast():
+                logits = model(inputs)
+            flat_logits, flat_targets = logits.flatten(0, -2).float(), targets.flatten()
+            sums[0] += F.cross_entropy(flat_logits, flat_targets, reduction="sum")
+            sums[1] += (flat_logits.argmax(-1) == flat_targets).sum()
+            sums[2] += flat_targets.numel()
+        model.train(was_training)
+        loss_sum, correct, count = all_reduce_sum(sums).tolist()
+        metrics = {f"{split}/loss": loss_sum / count, f"{split}/accuracy": correct / count}
+        self.state.log(metrics)
+        self._call("on_eval_end")
+        self._flush_logs()
+        return metrics
+
+    def samples_per_second(self) -> float:
+        """Global training samples per second in steady state (the first step excluded)."""
+        return self.timed_samples / self.timed_seconds if self.timed_seconds else 0.0
+
+    # ---------------------------------------------------------------------------- helpers
+    def _call(self, hook: str) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self.state)
+
+    def _should_log(self) -> bool:
+        step = self.state.step
+        return step % self.cfg.log_every_steps == 0 or step == self.state.max_steps
+
+    def _flush_logs(self) -> None:
+        if self.state.unlogged and self.env.is_global_zero:
+            self.logger.log_metrics(dict(self.state.unlogged), self.state.step)
+        self.state.unlogged.clear()
+
+    def _agree_to_stop(self) -> bool:
+        """Every rank stops if any rank's callbacks asked to (one tiny all-reduce)."""
+        state = self.state
+        if any_rank(state.should_stop, self.env.device) and not state.should_stop:
+            state.request_stop("another rank requested a stop")
+        return state.should_stop
+
+    def _sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
+        no_sync = getattr(self.model, "no_sync", None)
+        return contextlib.nullcontext() if sync or no_sync is None else no_sync()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+
+class _Window:
+    """Training loss and throughput since the last log step, reduced across ranks on demand."""
+
+    def __init__(self) -> None:
+        self.loss_sum: torch.Tensor | None = None
+        self.steps = 0
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.steps += 1
+        self.samples += samples
+
+    def reduce(self, env: DistEnv) -> dict[str, float]:
+        summed = all_reduce_sum(self.loss_sum.to(torch.float64).reshape(1))
+        seconds = time.perf_counter() - self.started
+        metrics = {
+            "train/loss": summed.item() / (self.steps * env.world_size),
+            "train/samples_per_second": self.samples / max(seconds, 1e-9),
+        }
+        self.__init__()
+        return metrics
+
+
+def _in_groups(loader: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Micro-batches grouped per optimizer step; the epoch's last group may be shorter."""
+    group: list[Batch] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group

@@ -1,0 +1,66 @@
+"""`TrainState`: what the loop knows, handed to every callback hook.
+
+Counters and the latest metrics are saved in checkpoints (`state_dict`); the live objects (model,
+optimizer, loaders) are references that the checkpoint code saves through their own APIs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    max_steps: int  # optimizer steps this fit will run (resolved from max_steps / max_epochs)
+    steps_per_epoch: int
+    rank: int = 0
+    world_size: int = 1
+
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0  # the epoch in progress (0-based)
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    samples_seen: int = 0  # global training samples consumed
+    # Latest values by name ("train/loss", "val/accuracy", "lr", ...). Callbacks may add entries;
+    # the loop sends them to the loggers on log steps.
+    metrics: dict[str, float] = field(default_factory=dict)
+    should_stop: bool = False  # set through request_stop(); agreed across ranks by the loop
+    stop_reason: str = ""
+    unlogged: dict[str, float] = field(
+        default_factory=dict
+    )  # sent to the loggers at the next flush
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Record metrics: they show in `metrics` at once and reach the loggers on the next log step."""
+        self.metrics.update(metrics)
+        self.unlogged.update(metrics)
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step. The loop makes every rank agree."""
+        self.should_stop = True
+        self.stop_reason = self.stop_reason or reason
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "samples_seen": self.samples_seen,
+            "metrics": dict(self.metrics),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.samples_seen = int(state["samples_seen"])
+        self.metrics = dict(state["metrics"])
