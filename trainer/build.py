@@ -14,7 +14,7 @@ from trainer.config import TrainConfig, build
 from trainer.data.datasets import DataSplits
 from trainer.data.loaders import eval_loader, train_loader
 from trainer.distributed.env import DistEnv
-from trainer.distributed.parallelize import parallelize
+from trainer.distributed.parallelize import build_mesh, parallelize
 from trainer.loggers.base import Logger, LoggerGroup
 from trainer.loop import Trainer
 
@@ -64,7 +64,8 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
     splits = build_data(cfg)
     model = build_model(cfg, splits)
     parameters = sum(p.numel() for p in model.parameters())
-    model = parallelize(model, cfg.parallel, env)
+    mesh, env = build_mesh(cfg.parallel, env)
+    model = parallelize(model, cfg.parallel, env, mesh)
     if cfg.compile:
         model = torch.compile(model)
     # The optimizer is built after wrapping so that it holds the wrapped (possibly sharded) params.

@@ -73,7 +73,9 @@ class Checkpointer:
             partial.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
+        with warnings.catch_warnings():  # DCP warns that a world of one saves in one process
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
         _save_atomic(_rng_state(), partial / f"rng_rank{rank}.pt")
         if rank == 0:
             _save_atomic(_trainer_state(trainer), partial / TRAINER_STATE)
@@ -149,7 +151,9 @@ def verify(folder: Path) -> dict[str, Any]:
 def load(folder: Path, trainer: Trainer) -> None:
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
     try:
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
         set_state_dict(
             trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,24 +57,61 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
 
 
+STRATEGIES = ("none", "ddp", "fsdp", "tp", "fsdp_tp")
+
+
 @dataclass
 class ParallelConfig:
-    strategy: str = "none"  # none | ddp
+    strategy: str = "none"  # none | ddp | fsdp | tp | fsdp_tp
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
     timeout_s: int = 300  # collectives that wait longer than this fail instead of hanging
+    tp_degree: int = 0  # ranks per tensor-parallel group; 0: all ranks for tp, 2 for fsdp_tp
+    param_dtype: str = "fp32"  # FSDP2 compute dtype (fp32 | bf16); gradients reduce in fp32
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (less memory)
+    cpu_offload: bool = False  # FSDP2: keep sharded params and optimizer state on the CPU
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self) -> None:
         _require(
-            self.strategy in ("none", "ddp"),
+            self.strategy in STRATEGIES,
             "parallel.strategy",
-            f"must be one of none, ddp; got {self.strategy!r}",
+            f"must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}",
         )
+        _require(
+            self.param_dtype in ("fp32", "bf16"),
+            "parallel.param_dtype",
+            f"must be fp32 or bf16; got {self.param_dtype!r}",
+        )
+        _require(self.tp_degree >= 0, "parallel.tp_degree", f"must be >= 0, got {self.tp_degree}")
         _require(
             self.backend in ("auto", "nccl", "gloo"),
             "parallel.backend",
             f"must be one of auto, nccl, gloo; got {self.backend!r}",
         )
         _require(self.timeout_s > 0, "parallel.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+    def degrees(self, world_size: int) -> tuple[int, int]:
+        """(data-parallel, tensor-parallel) degrees; they must multiply to the world size."""
+        if self.strategy in ("none", "ddp", "fsdp"):
+            _require(
+                self.tp_degree in (0, 1),
+                "parallel.tp_degree",
+                f"applies to tp and fsdp_tp only; strategy is {self.strategy}",
+            )
+            return world_size, 1
+        tp = self.tp_degree or (world_size if self.strategy == "tp" else 2)
+        _require(
+            world_size % tp == 0,
+            "parallel.tp_degree",
+            f"{tp} does not divide the world size {world_size}",
+        )
+        if self.strategy == "tp":
+            _require(
+                tp == world_size,
+                "parallel.tp_degree",
+                f"strategy tp shards over all {world_size} ranks; got {tp} (use fsdp_tp for 2-D)",
+            )
+        return world_size // tp, tp
 
 
 @dataclass
@@ -158,6 +196,9 @@ class TrainConfig:
                 "_target_" in node, name, "needs a `_target_` (pick one from the config group)"
             )
         _require("_target_" in self.data.dataset, "data.dataset", "needs a `_target_`")
+        lr = self.optim.get("lr")
+        if isinstance(lr, (int, float)):  # a type error is reported by check_target instead
+            _require(lr > 0, "optim.lr", f"must be > 0, got {lr}")
 
 
 def register_schema() -> None:
@@ -187,6 +228,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
     if not isinstance(typed, TrainConfig):
         raise ConfigError("the config does not follow the train schema (missing `train_schema`?)")
 
+    typed.parallel.degrees(int(os.environ.get("WORLD_SIZE", "1")))  # the launcher's world
     allowed = tuple(typed.allowed_targets)
     check_target(typed.model, "model", allowed, injected=("input_shape", "num_classes"))
     check_target(typed.data.dataset, "data.dataset", allowed)

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from trainer.callbacks.base import Callback
 from trainer.config import TrainConfig
 from trainer.data.loaders import start_epoch
-from trainer.distributed.env import DistEnv, all_reduce_sum, any_rank
+from trainer.distributed.clip import clip_grad_norm_
+from trainer.distributed.env import DistEnv, all_reduce_max, all_reduce_sum, any_rank
 from trainer.distributed.parallelize import unwrap
 from trainer.loggers.base import Logger
 from trainer.state import TrainState
@@ -110,7 +111,7 @@ class Trainer:
             self._call("on_step_start")
             started = time.perf_counter()
             loss = self.train_step(batches)
-            samples = sum(len(b[0]) for b in batches) * self.env.world_size
+            samples = sum(len(b[0]) for b in batches) * self.env.dp_size
             if self.first_step_done is None:
                 self.first_step_done = time.time()
             else:
@@ -161,7 +162,7 @@ class Trainer:
             total += loss.detach()
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -184,13 +185,13 @@ class Trainer:
         """Loss and accuracy over the whole split, summed exactly across ranks."""
         if loader is None:
             return {}
-        # The bare module: evaluation shards may differ in length across ranks, and a wrapper's
-        # per-forward collectives (DDP's buffer broadcast) would then wait forever.
+        # DDP's wrapper is bypassed (its forward would broadcast buffers); FSDP2 and TP modules
+        # gather shards in every forward, so each rank runs the same number of forwards.
         model = unwrap(self.model)
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss, correct, count
-        for inputs, targets in loader:
+        for inputs, targets in _padded(loader, all_reduce_max(len(loader), self.env.device)):
             inputs = inputs.to(self.env.device, non_blocking=True)
             targets = targets.to(self.env.device, non_blocking=True)
             with self._autocast():
@@ -200,7 +201,7 @@ class Trainer:
             sums[1] += (flat_logits.argmax(-1) == flat_targets).sum()
             sums[2] += flat_targets.numel()
         model.train(was_training)
-        loss_sum, correct, count = all_reduce_sum(sums).tolist()
+        loss_sum, correct, count = all_reduce_sum(sums, self.env.dp_group).tolist()
         metrics = {f"{split}/loss": loss_sum / count, f"{split}/accuracy": correct / count}
         self.state.log(metrics)
         self._call("on_eval_end")
@@ -232,9 +233,22 @@ class Trainer:
             state.request_stop("another rank requested a stop")
         return state.should_stop
 
-    def _sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
-        no_sync = getattr(self.model, "no_sync", None)
-        return contextlib.nullcontext() if sync or no_sync is None else no_sync()
+    @contextlib.contextmanager
+    def _sync_gradients(self, sync: bool) -> Iterator[None]:
+        model = self.model
+        if sync:
+            yield
+        elif hasattr(model, "no_sync"):  # DDP
+            with model.no_sync():
+                yield
+        elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        else:
+            yield
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -257,14 +271,25 @@ class _Window:
         self.samples += samples
 
     def reduce(self, env: DistEnv) -> dict[str, float]:
-        summed = all_reduce_sum(self.loss_sum.to(torch.float64).reshape(1))
+        summed = all_reduce_sum(self.loss_sum.to(torch.float64).reshape(1), env.dp_group)
         seconds = time.perf_counter() - self.started
         metrics = {
-            "train/loss": summed.item() / (self.steps * env.world_size),
+            "train/loss": summed.item() / (self.steps * env.dp_size),
             "train/samples_per_second": self.samples / max(seconds, 1e-9),
         }
         self.__init__()
         return metrics
+
+
+def _padded(loader: DataLoader, count: int) -> Iterator[Batch]:
+    """The loader's batches, then empty batches of the same shape until `count` in all."""
+    batch = None
+    for batch in loader:
+        yield batch
+    if batch is None:  # this rank's shard is empty: shape an empty batch from the dataset
+        batch = [t.unsqueeze(0) for t in loader.dataset.dataset[0]]
+    for _ in range(count - len(loader)):
+        yield [t[:0] for t in batch]
 
 
 def _in_groups(loader: Iterable[Batch], size: int) -> Iterator[list[Batch]]:

@@ -2,7 +2,8 @@
 
 Training uses `DistributedSampler` in every world size, a world of one included: the global batch
 of step t holds the same samples whether one process or N processes draw it (rank r takes every
-N-th index of the epoch's permutation), which is what makes 1-vs-N parity tests possible.
+N-th index of the epoch's permutation), which is what makes 1-vs-N parity tests possible. Data is
+sharded over data-parallel ranks: the ranks of one tensor-parallel group read the same batch.
 Evaluation shards the split without padding, so reduced metrics count every sample exactly once.
 """
 
@@ -39,8 +40,8 @@ class ResumableSampler(DistributedSampler):
 def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int) -> DataLoader:
     sampler = ResumableSampler(
         dataset,
-        num_replicas=env.world_size,
-        rank=env.rank,
+        num_replicas=env.dp_size,
+        rank=env.dp_rank,
         shuffle=cfg.shuffle,
         seed=seed,
         drop_last=True,  # never pad the training set with duplicates
@@ -50,7 +51,7 @@ def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int) -> 
 
 def eval_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv) -> DataLoader:
     # Rank r evaluates samples r, r+N, r+2N, ...: no padding, so every sample counts once.
-    shard = Subset(dataset, range(env.rank, len(dataset), env.world_size))
+    shard = Subset(dataset, range(env.dp_rank, len(dataset), env.dp_size))
     return _loader(shard, cfg.eval_batch_size, cfg, env, sampler=None, drop_last=False)
 
 

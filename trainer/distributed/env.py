@@ -7,7 +7,7 @@ torchrun (or any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR) decides the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -20,6 +20,17 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    # Data-parallel coordinates: equal to rank/world_size unless tensor parallelism makes groups of
+    # ranks share one batch (see distributed/parallelize.py: build_mesh).
+    dp_rank: int | None = None
+    dp_size: int | None = None
+    dp_group: dist.ProcessGroup | None = None  # None: all ranks
+
+    def __post_init__(self) -> None:
+        if self.dp_rank is None:
+            object.__setattr__(self, "dp_rank", self.rank)
+        if self.dp_size is None:
+            object.__setattr__(self, "dp_size", self.world_size)
 
     @property
     def is_global_zero(self) -> bool:
@@ -28,6 +39,15 @@ class DistEnv:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    def with_data_parallel(
+        self, dp_rank: int, dp_size: int, dp_group: dist.ProcessGroup
+    ) -> DistEnv:
+        return replace(self, dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -61,20 +81,24 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over ranks in place (no-op in a world of one) and return it."""
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum `tensor` over the ranks of `group` (default: all) in place and return it."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any rank: the way every stop decision is agreed."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_reduce_max(int(flag), device))
 
 
 def barrier() -> None:
