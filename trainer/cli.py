@@ -25,10 +25,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from torch.distributed.elastic.multiprocessing.errors import record
 
 import trainer
-from trainer.config import ConfigError, register_schema, validate
+from trainer.config import ConfigError, TrainConfig, register_schema, validate
 from trainer.distributed.env import init_distributed, teardown
+from trainer.distributed.launch import launch
 
 log = logging.getLogger("hooktrain")
 STARTED = time.time()
@@ -51,7 +53,8 @@ register_schema()
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train, test and summarise one job. Returns the summary (also written to summary.json)."""
+    """Train, test and summarise one job in this process (one rank of it under torchrun).
+    Returns the summary, also written to summary.json."""
     typed = validate(cfg)  # before any process group starts
     env = init_distributed(typed.device, typed.parallel.backend, typed.parallel.timeout_s)
     try:
@@ -99,10 +102,23 @@ def _print_summary(summary: dict[str, Any]) -> None:
     Console(stderr=True).print(table)
 
 
+def _launched_job(container: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """One rank of a job that `hooktrain` launched itself (parallel.nproc_per_node > 1)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
+    return run(cfg, Path(run_dir))
+
+
 @hydra.main(config_path=str(recipes_dir()), config_name="train", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        nproc = validate(cfg, world_size=None).parallel.nproc_per_node
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            validate(cfg, world_size=nproc)
+            container = OmegaConf.to_container(cfg, resolve=True)
+            summary = launch(_launched_job, nproc, container, str(run_dir))[0]
+        else:
+            summary = run(cfg, run_dir)
     except ConfigError as err:
         print(f"hooktrain: config error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -110,5 +126,6 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     return summary.get("val/loss")
 
 
+@record  # under torchrun, a failing rank's traceback lands in the agent's error report
 def main() -> None:
     _hydra_entry()

@@ -70,6 +70,9 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (less memory)
     cpu_offload: bool = False  # FSDP2: keep sharded params and optimizer state on the CPU
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # > 1: `hooktrain` starts this many local processes itself through torchrun's engine (for
+    # sweeps and quick runs); under torchrun, leave it at 1.
+    nproc_per_node: int = 1
 
     def __post_init__(self) -> None:
         _require(
@@ -83,6 +86,11 @@ class ParallelConfig:
             f"must be fp32 or bf16; got {self.param_dtype!r}",
         )
         _require(self.tp_degree >= 0, "parallel.tp_degree", f"must be >= 0, got {self.tp_degree}")
+        _require(
+            self.nproc_per_node >= 1,
+            "parallel.nproc_per_node",
+            f"must be >= 1, got {self.nproc_per_node}",
+        )
         _require(
             self.backend in ("auto", "nccl", "gloo"),
             "parallel.backend",
@@ -211,8 +219,11 @@ def register_schema() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def validate(cfg: DictConfig) -> TrainConfig:
-    """Check everything about `cfg` that can be checked without building anything."""
+def validate(cfg: DictConfig, world_size: int | None = None) -> TrainConfig:
+    """Check everything about `cfg` that can be checked without building anything.
+
+    `world_size` defaults to the launcher's (WORLD_SIZE, or 1) and checks the parallel degrees.
+    """
     try:
         typed = OmegaConf.to_object(cfg)
     except ConfigError:
@@ -228,7 +239,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
     if not isinstance(typed, TrainConfig):
         raise ConfigError("the config does not follow the train schema (missing `train_schema`?)")
 
-    typed.parallel.degrees(int(os.environ.get("WORLD_SIZE", "1")))  # the launcher's world
+    typed.parallel.degrees(world_size or int(os.environ.get("WORLD_SIZE", "1")))
     allowed = tuple(typed.allowed_targets)
     check_target(typed.model, "model", allowed, injected=("input_shape", "num_classes"))
     check_target(typed.data.dataset, "data.dataset", allowed)
