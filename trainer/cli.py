@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 import trainer
 from trainer.config import ConfigError, TrainConfig, register_schema, validate
-from trainer.distributed.env import init_distributed, teardown
+from trainer.distributed.env import distributed
 from trainer.distributed.launch import launch
 
 log = logging.getLogger("hooktrain")
@@ -56,8 +56,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train, test and summarise one job in this process (one rank of it under torchrun).
     Returns the summary, also written to summary.json."""
     typed = validate(cfg)  # before any process group starts
-    env = init_distributed(typed.device, typed.parallel.backend, typed.parallel.timeout_s)
-    try:
+    with distributed(typed.device, typed.parallel.backend, typed.parallel.timeout_s) as env:
         from trainer.build import build_trainer  # heavy imports after validation: errors come fast
 
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,8 +90,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             _print_summary(summary)
         return summary
-    finally:
-        teardown()
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -6,7 +6,9 @@ torchrun (or any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR) decides the
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -79,6 +81,19 @@ def init_distributed(device: str, backend: str, timeout_s: int) -> DistEnv:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: str, backend: str, timeout_s: int) -> Iterator[DistEnv]:
+    """`init_distributed` for the body; the process group is torn down only if the body succeeds.
+
+    On an exception the process exits with the group still up: a graceful teardown would first
+    close this rank's connections, so that its peers fail with "connection closed" and the
+    launcher could report their echo instead of this rank's original error.
+    """
+    env = init_distributed(device, backend, timeout_s)
+    yield env
+    teardown()
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
