@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from trainer.callbacks.base import Callback
 from trainer.checkpoint import Checkpointer
@@ -17,6 +18,7 @@ from trainer.distributed.env import DistEnv
 from trainer.distributed.parallelize import build_mesh, parallelize
 from trainer.loggers.base import Logger, LoggerGroup
 from trainer.loop import Trainer
+from trainer.throughput import train_flops_per_sample
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -58,12 +60,18 @@ def build_loggers(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Logger:
     return LoggerGroup(loggers)
 
 
-def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Trainer, int]:
-    """Returns the trainer and the model's parameter count."""
+def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Trainer, dict[str, int]]:
+    """Returns the trainer and facts about the model for the summary: parameter count, training
+    FLOPs per sample and tokens per sample (1 for classification)."""
     seed_everything(cfg.seed, cfg.deterministic)
     splits = build_data(cfg)
     model = build_model(cfg, splits)
-    parameters = sum(p.numel() for p in model.parameters())
+    inputs, targets = default_collate([splits.train[0], splits.train[1]])
+    facts = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_sample": train_flops_per_sample(model, inputs, targets),
+        "tokens_per_sample": targets[0].numel(),
+    }
     mesh, env = build_mesh(cfg.parallel, env)
     model = parallelize(model, cfg.parallel, env, mesh)
     if cfg.compile:
@@ -82,4 +90,4 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
         logger=build_loggers(cfg, env, run_dir),
         checkpointer=Checkpointer(run_dir, cfg.checkpoint, cfg.resume),
     )
-    return trainer, parameters
+    return trainer, facts

@@ -31,6 +31,7 @@ import trainer
 from trainer.config import ConfigError, TrainConfig, register_schema, validate
 from trainer.distributed.env import distributed
 from trainer.distributed.launch import launch
+from trainer.throughput import throughput_summary
 
 log = logging.getLogger("hooktrain")
 STARTED = time.time()
@@ -52,7 +53,7 @@ OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True, replace=True)
 register_schema()
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, Any]:
     """Train, test and summarise one job in this process (one rank of it under torchrun).
     Returns the summary, also written to summary.json."""
     typed = validate(cfg)  # before any process group starts
@@ -63,7 +64,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if env.is_global_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        fit_trainer, parameters = build_trainer(typed, env, run_dir)
+        fit_trainer, facts = build_trainer(typed, env, run_dir)
         fit_trainer.logger.log_config(resolved)
         state = fit_trainer.fit()
         metrics = dict(state.metrics)
@@ -71,11 +72,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             metrics.update(fit_trainer.test())
         summary = {
             **{k: v for k, v in metrics.items() if k.startswith(("train/", "val/", "test/"))},
-            "samples_per_second": fit_trainer.samples_per_second(),
-            "seconds_to_first_step": (fit_trainer.first_step_done or time.time()) - STARTED,
-            "wall_seconds": time.time() - STARTED,
+            **throughput_summary(fit_trainer.samples_per_second(), env.world_size, facts, env.device),
+            "seconds_to_first_step": (fit_trainer.first_step_done or time.time()) - started,
+            "wall_seconds": time.time() - started,
             "world_size": env.world_size,
-            "parameters": parameters,
+            "parameters": facts["parameters"],
             "steps": state.step,
             "epochs": state.epoch,
             "stop_reason": state.stop_reason or "budget reached",
@@ -99,26 +100,33 @@ def _print_summary(summary: dict[str, Any]) -> None:
     Console(stderr=True).print(table)
 
 
-def _launched_job(container: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def _launched_job(container: dict[str, Any], run_dir: str, started: float) -> dict[str, Any]:
     """One rank of a job that `hooktrain` launched itself (parallel.nproc_per_node > 1)."""
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
-    return run(cfg, Path(run_dir))
+    return run(cfg, Path(run_dir), started)
+
+
+_job_started = STARTED  # each job of a sweep times itself from the end of the previous one
 
 
 @hydra.main(config_path=str(recipes_dir()), config_name="train", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> float | None:
+    global _job_started
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        nproc = validate(cfg, world_size=None).parallel.nproc_per_node
-        if nproc > 1 and "WORLD_SIZE" not in os.environ:
-            validate(cfg, world_size=nproc)
+        nproc = int(cfg.parallel.nproc_per_node)
+        launching = nproc > 1 and "WORLD_SIZE" not in os.environ
+        validate(cfg, world_size=nproc if launching else None)
+        if launching:
             container = OmegaConf.to_container(cfg, resolve=True)
-            summary = launch(_launched_job, nproc, container, str(run_dir))[0]
+            summary = launch(_launched_job, nproc, container, str(run_dir), _job_started)[0]
         else:
-            summary = run(cfg, run_dir)
+            summary = run(cfg, run_dir, _job_started)
     except ConfigError as err:
         print(f"hooktrain: config error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        _job_started = time.time()
     # A sweeper that optimises (e.g. Optuna) reads the returned value.
     return summary.get("val/loss")
 

@@ -15,6 +15,7 @@ Every failure raises `ConfigError` with one message naming the key and what is w
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -224,6 +225,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> TrainConfig:
 
     `world_size` defaults to the launcher's (WORLD_SIZE, or 1) and checks the parallel degrees.
     """
+    if OmegaConf.get_type(cfg) is TrainConfig:
+        _reject_unknown_keys(cfg, TrainConfig)
     try:
         typed = OmegaConf.to_object(cfg)
     except ConfigError:
@@ -255,6 +258,18 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> TrainConfig:
                 _require(isinstance(node, Mapping), f"{group}.{name}", "must be a mapping or null")
                 check_target(node, f"{group}.{name}", allowed, injected=injected)
     return typed
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """Refuse keys the schema lacks (`+key=value` adds them without complaint)."""
+    names = [f.name for f in dataclasses.fields(schema)]
+    hints = typing.get_type_hints(schema)
+    for key in node:
+        path = f"{prefix}{key}"
+        _require(key in names, path, f"unknown key (the schema has: {', '.join(names)})")
+        child = node._get_node(key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(child, DictConfig):
+            _reject_unknown_keys(child, hints[key], f"{path}.")
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:

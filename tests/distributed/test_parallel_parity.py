@@ -193,4 +193,7 @@ def test_torchrun_command_line(tmp_path):
     assert len(run_dirs) == 1, "all ranks must share one run folder"
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 12
-    assert {p.name for p in run_dirs[0].glob("cli_rank*.log")} == {"cli_rank0.log", "cli_rank1.log"}
+    assert {p.name for p in run_dirs[0].glob("hooktrain_rank*.log")} == {
+        "hooktrain_rank0.log",
+        "hooktrain_rank1.log",
+    }

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Single-process run (CPU debug run, or one GPU). Any Hydra override passes through:
+#   launch/local.sh experiment=mnist1d_cnn max_epochs=3
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec "${PYTHON:-python}" -m trainer "$@"

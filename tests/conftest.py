@@ -1,0 +1,46 @@
+"""Shared test setup: wandb never goes online, torch stays on one thread, and `run_cli` runs the
+real `hooktrain` command (`python -m trainer`) in a subprocess with that same environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# wandb offline and quiet; one intra-op thread so that parallel test processes share 2 cores.
+TEST_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _test_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in TEST_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def cli_env() -> dict[str, str]:
+    """os.environ plus TEST_ENV, with the checkout importable and Hydra's short error format."""
+    env = {**os.environ, **TEST_ENV}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_cli(
+    args: Sequence[str], cwd: str | os.PathLike[str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m trainer *args` in `cwd` (use a tmp folder) and capture its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -1,0 +1,250 @@
+"""End-to-end runs of the real `hooktrain` command (`python -m trainer`) in subprocesses.
+
+Each subprocess costs seconds of imports, so one run serves several tests through module-scoped
+fixtures: one tiny training run, one 2x2 sweep, three config errors and `--help`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_cli
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from trainer.cli import recipes_dir
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 5
+LOG_EVERY = 2
+TINY = [
+    f"max_steps={MAX_STEPS}",
+    "data=synthetic",
+    "data.dataset.num_samples=512",
+]
+
+
+@dataclass
+class Run:
+    proc: subprocess.CompletedProcess[str]
+    cwd: Path
+    out: Path  # hydra.run.dir, or hydra.sweep.dir for a sweep
+    seconds: float  # wall time of the whole subprocess
+
+
+def launch(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> Run:
+    cwd = tmp_path_factory.mktemp(name)
+    out = cwd / "out"
+    key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
+    started = time.perf_counter()
+    proc = run_cli([*args, f"{key}={out}"], cwd=cwd, timeout=240)
+    return Run(proc, cwd, out, time.perf_counter() - started)
+
+
+def ok(run: Run) -> Run:
+    assert run.proc.returncode == 0, run.proc.stderr[-4000:]
+    return run
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- one tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Run:
+    # The default loggers (tensorboard, wandb offline, jsonl) all stay on.
+    return ok(launch(tmp_path_factory, "tiny", [*TINY, f"log_every_steps={LOG_EVERY}"]))
+
+
+def test_run_writes_everything_into_the_run_dir(tiny_run):
+    out = tiny_run.out
+    for name in ("summary.json", "config.yaml", "metrics.jsonl", ".hydra/config.yaml"):
+        assert (out / name).is_file(), name
+    assert not (tiny_run.cwd / "outputs").exists()  # hydra.run.dir was honoured
+
+
+def test_summary(tiny_run):
+    summary = json.loads((tiny_run.out / "summary.json").read_text())
+    for key in ("test/accuracy", "test/loss", "train/loss", "samples_per_second", "wall_seconds"):
+        assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
+    assert 0.0 <= summary["test/accuracy"] <= 1.0
+    assert summary["test/loss"] > 0 and summary["train/loss"] > 0
+    assert summary["samples_per_second"] > 0
+    assert 0 < summary["wall_seconds"] < tiny_run.seconds
+    assert summary["world_size"] == 1
+    assert summary["steps"] == MAX_STEPS
+    assert Path(summary["run_dir"]) == tiny_run.out
+    # The parameter count is the one of the model that config.yaml describes.
+    model_cfg = OmegaConf.to_container(OmegaConf.load(tiny_run.out / "config.yaml").model)
+    model = instantiate(model_cfg, input_shape=[64], num_classes=10)
+    assert summary["parameters"] == sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_config_yaml_is_the_resolved_job_config(tiny_run):
+    text = (tiny_run.out / "config.yaml").read_text()
+    assert "${" not in text
+    cfg = OmegaConf.load(tiny_run.out / "config.yaml")
+    assert cfg.max_steps == MAX_STEPS
+    assert cfg.log_every_steps == LOG_EVERY
+    assert cfg.data.dataset._target_ == "trainer.data.datasets.synthetic"
+    assert cfg.data.dataset.num_samples == 512
+    assert "hydra" not in cfg
+
+
+def test_metrics_jsonl(tiny_run):
+    rows = read_jsonl(tiny_run.out / "metrics.jsonl")
+    summary = json.loads((tiny_run.out / "summary.json").read_text())
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    # every LOG_EVERY steps, and at the last step
+    assert [step for step, _ in train] == [2, 4, 5]
+    assert train[-1][1] == pytest.approx(summary["train/loss"])
+    (test_row,) = [r for r in rows if "test/accuracy" in r]
+    assert test_row["step"] == MAX_STEPS
+    assert test_row["test/accuracy"] == pytest.approx(summary["test/accuracy"])
+    assert test_row["test/loss"] == pytest.approx(summary["test/loss"])
+
+
+def test_tensorboard_events(tiny_run):
+    logdir = tiny_run.out / "tensorboard"
+    assert list(logdir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "test/accuracy", "test/loss"} <= scalars
+    jsonl = {
+        r["step"]: r["train/loss"]
+        for r in read_jsonl(tiny_run.out / "metrics.jsonl")
+        if "train/loss" in r
+    }
+    train = events.Scalars("train/loss")
+    assert [e.step for e in train] == sorted(jsonl)
+    assert [e.value for e in train] == pytest.approx([jsonl[e.step] for e in train], rel=1e-5)
+    summary = json.loads((tiny_run.out / "summary.json").read_text())
+    (accuracy,) = events.Scalars("test/accuracy")
+    assert accuracy.step == MAX_STEPS
+    assert accuracy.value == pytest.approx(summary["test/accuracy"], rel=1e-5)
+
+
+def test_wandb_offline_run_folder(tiny_run):
+    runs = list((tiny_run.out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert list(runs[0].glob("run-*.wandb"))
+
+
+# --------------------------------------------------------------------------- a sweep
+
+LRS = {"1e-3": 1e-3, "3e-3": 3e-3}
+MODELS = {"mlp": "trainer.models.MLP", "cnn": "trainer.models.CNN"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Run:
+    args = ["-m", f"optim.lr={','.join(LRS)}", f"model={','.join(MODELS)}"]
+    args += ["max_steps=3", *TINY[1:], "logger.wandb=null"]
+    return ok(launch(tmp_path_factory, "sweep", args))
+
+
+def job_dirs(sweep: Run) -> list[Path]:
+    return sorted(p for p in sweep.out.iterdir() if p.is_dir())
+
+
+def test_sweep_makes_one_folder_per_job(sweep):
+    jobs = job_dirs(sweep)
+    assert len(jobs) == len(LRS) * len(MODELS)
+    seen = set()
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["steps"] == 3
+        assert Path(summary["run_dir"]) == job
+        overrides = dict(o.split("=", 1) for o in OmegaConf.load(job / ".hydra/overrides.yaml"))
+        cfg = OmegaConf.load(job / "config.yaml")
+        assert cfg.optim.lr == pytest.approx(float(overrides["optim.lr"]))
+        assert cfg.model._target_ == MODELS[overrides["model"]]
+        assert f"optim.lr={cfg.optim.lr}" in job.name  # the folder is named after its job
+        seen.add((cfg.optim.lr, overrides["model"]))
+    assert seen == {(lr, model) for lr in LRS.values() for model in MODELS}
+    assert not (sweep.cwd / "multirun").exists()  # hydra.sweep.dir was honoured
+
+
+def test_sweep_jobs_time_themselves(sweep):
+    # Jobs run one after another in one process, so each job's own wall time is a disjoint slice
+    # of the process's lifetime: together they cannot exceed it.
+    walls = [json.loads((j / "summary.json").read_text())["wall_seconds"] for j in job_dirs(sweep)]
+    assert sum(walls) <= sweep.seconds, (walls, sweep.seconds)
+
+
+# --------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.batch_size=0"], "data.batch_size: must be >= 1, got 0"),
+        (["optim.lr=-1"], "optim.lr: "),
+        # A job that hooktrain launches itself is checked for its own world of 4 processes (where
+        # fsdp_tp's tp_degree 2 fits), so the error reported is the model key, found before any
+        # process starts.
+        (
+            ["parallel=fsdp_tp", "parallel.nproc_per_node=4", "+model.hiden=3"],
+            "model.hiden: unknown key",
+        ),
+    ],
+    ids=["batch_size", "lr", "launched_world"],
+)
+def test_config_error_is_one_line_and_exit_code_2(tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY, *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"hooktrain: config error: {message}"), lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    # Rejected before training: nothing was built, logged or saved.
+    for name in ("summary.json", "config.yaml", "metrics.jsonl", "tensorboard", "checkpoints"):
+        assert not (run_dir / name).exists(), name
+
+
+def test_unknown_key_fails_while_composing(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY, "optim.lrr=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr
+    assert "Traceback" not in proc.stderr  # Hydra's short error, not a stack dump
+    assert not run_dir.exists()
+
+
+# --------------------------------------------------------------------------- --help
+
+
+def test_help_lists_every_group_and_option(tmp_path):
+    proc = run_cli(["--help"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = proc.stdout
+    assert "== Configuration groups ==" in text
+    section = text.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    listed = {}
+    for line in section.splitlines():
+        group, sep, options = line.partition(": ")
+        if sep and " " not in group:
+            listed[group] = {o.strip() for o in options.split(",")}
+    recipes = recipes_dir()
+    on_disk = {d.name: {p.stem for p in d.glob("*.yaml")} for d in recipes.iterdir() if d.is_dir()}
+    for group in ("model", "data", "optim", "schedule", "parallel", "callbacks", "logger"):
+        assert group in listed, group
+    assert "experiment" in listed
+    assert listed == on_disk
+    # and the composed default config follows
+    assert "_target_: trainer.models.CNN" in text
+    assert not (tmp_path / "outputs").exists()
