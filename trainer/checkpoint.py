@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trainer.config import CheckpointConfig
-from trainer.distributed.env import barrier
+from trainer.distributed.env import all_reduce_max, barrier
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -59,8 +59,9 @@ class Checkpointer:
         if every and trainer.state.step % every == 0:
             self.save(trainer)
 
-    def save_final(self, trainer: Trainer) -> None:
-        if self.cfg.save_final and self.last_saved_step != trainer.state.step:
+    def save_final(self, trainer: Trainer, force: bool = False) -> None:
+        """At the end of fit (`force`: a stop that must leave a checkpoint, e.g. preemption)."""
+        if (self.cfg.save_final or force) and self.last_saved_step != trainer.state.step:
             self.save(trainer)
 
     # ------------------------------------------------------------------ save
@@ -72,13 +73,21 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
             partial.mkdir(parents=True)
         barrier()
-        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-        with warnings.catch_warnings():  # DCP warns that a world of one saves in one process
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
-        _save_atomic(_rng_state(), partial / f"rng_rank{rank}.pt")
-        if rank == 0:
-            _save_atomic(_trainer_state(trainer), partial / TRAINER_STATE)
+        try:
+            model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+            with warnings.catch_warnings():  # DCP warns that a world of one saves in one process
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
+            _save_atomic(_rng_state(), partial / f"rng_rank{rank}.pt")
+            if rank == 0:
+                _save_atomic(_trainer_state(trainer), partial / TRAINER_STATE)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+            shutil.rmtree(partial, ignore_errors=True)
+            previous = self.last_saved_step
+            kept = f"step {previous} is intact" if previous >= 0 else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"{partial}: saving the checkpoint failed ({err}); is the disk full? {kept}"
+            ) from err
         barrier()
         if rank == 0:
             manifest = {
@@ -107,11 +116,15 @@ class Checkpointer:
             return
         if self.resume == "auto":
             folder = self.newest_valid()
-            if folder is None:
+            # Every rank must resume from the same step: take the oldest of the ranks' choices
+            # (they differ only if a rank could not read a newer checkpoint).
+            step = -all_reduce_max(-(_step_of(folder) if folder else -1), trainer.env.device)
+            if step < 0:
                 return  # nothing saved yet: a fresh start
+            folder = self.root / f"step_{step:08d}"
         else:
             folder = Path(self.resume)
-            verify(folder)
+        verify(folder)
         load(folder, trainer)
         self.last_saved_step = trainer.state.step
 
@@ -125,6 +138,10 @@ class Checkpointer:
             except CheckpointError as err:
                 warnings.warn(f"skipping checkpoint: {err}", RuntimeWarning, stacklevel=2)
         return None
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step_"))
 
 
 def verify(folder: Path) -> dict[str, Any]:

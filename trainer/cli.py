@@ -68,11 +68,13 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
         fit_trainer.logger.log_config(resolved)
         state = fit_trainer.fit()
         metrics = dict(state.metrics)
-        if typed.test_after_fit:
+        if typed.test_after_fit and not fit_trainer.preempted_by:  # preempted: exit promptly
             metrics.update(fit_trainer.test())
         summary = {
             **{k: v for k, v in metrics.items() if k.startswith(("train/", "val/", "test/"))},
-            **throughput_summary(fit_trainer.samples_per_second(), env.world_size, facts, env.device),
+            **throughput_summary(
+                fit_trainer.samples_per_second(), env.world_size, facts, env.device
+            ),
             "seconds_to_first_step": (fit_trainer.first_step_done or time.time()) - started,
             "wall_seconds": time.time() - started,
             "world_size": env.world_size,

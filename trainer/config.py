@@ -162,6 +162,10 @@ class TrainConfig:
     val_every_epochs: int = 1  # 0 turns per-epoch validation off
     test_after_fit: bool = True
     resume: str | None = None  # null | auto | a checkpoint folder
+    # A NaN/inf loss or gradient norm: raise (naming the step) | skip the step | stop with a
+    # checkpoint. (fp16's grad scaler skips such steps itself.)
+    nonfinite: str = "raise"
+    max_consecutive_skips: int = 5
     # Module prefixes a `_target_` may name. Extend it to instantiate your own classes.
     allowed_targets: list[str] = field(
         default_factory=lambda: ["trainer.", "torch.optim.", "torch.nn."]
@@ -190,6 +194,16 @@ class TrainConfig:
             f"must be >= 1, got {self.grad_accum_steps}",
         )
         _require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _require(
+            self.nonfinite in ("raise", "skip", "stop"),
+            "nonfinite",
+            f"must be raise, skip or stop; got {self.nonfinite!r}",
+        )
+        _require(
+            self.max_consecutive_skips >= 0,
+            "max_consecutive_skips",
+            f"must be >= 0, got {self.max_consecutive_skips}",
+        )
         _require(
             self.log_every_steps >= 1,
             "log_every_steps",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader
 from trainer.callbacks.base import Callback
 from trainer.config import TrainConfig
 from trainer.data.loaders import start_epoch
-from trainer.distributed.clip import clip_grad_norm_
+from trainer.distributed.clip import clip_grad_norm_, grad_norm
 from trainer.distributed.env import DistEnv, all_reduce_max, all_reduce_sum, any_rank
 from trainer.distributed.parallelize import unwrap
 from trainer.loggers.base import Logger
@@ -82,19 +84,24 @@ class Trainer:
         self.timed_seconds = 0.0
         self.timed_samples = 0
         self.first_step_done: float | None = None  # wall-clock time when the first step finished
+        self.consecutive_skips = 0  # non-finite steps skipped in a row (nonfinite=skip)
+        self.skipped_steps = 0
+        self.preempted_by: str | None = None  # the signal's name once SIGTERM/SIGUSR1 arrived
+        self.save_on_stop = False  # a stop that must leave a checkpoint (signal, nonfinite=stop)
         self._window = _Window()
 
     # ---------------------------------------------------------------------------- fit
     def fit(self) -> TrainState:
         state = self.state
         try:
-            if self.checkpointer is not None:
-                self.checkpointer.maybe_resume(self)
-            self._call("on_fit_start")
-            while state.step < state.max_steps and not state.should_stop:
-                self._train_epoch()
-            if self.checkpointer is not None:
-                self.checkpointer.save_final(self)
+            with _catch_preemption(self):
+                if self.checkpointer is not None:
+                    self.checkpointer.maybe_resume(self)
+                self._call("on_fit_start")
+                while state.step < state.max_steps and not state.should_stop:
+                    self._train_epoch()
+                if self.checkpointer is not None:
+                    self.checkpointer.save_final(self, force=self.save_on_stop)
             self._call("on_fit_end")
             self._flush_logs()
         except BaseException as err:
@@ -160,13 +167,40 @@ class Trainer:
                 loss = self.loss(self.model(inputs), targets)
             self.scaler.scale(loss / len(batches)).backward()
             total += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            norm = clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:
+            norm = grad_norm(self.model.parameters())
+        # fp16's grad scaler skips non-finite steps itself; otherwise the policy decides. The norm
+        # is global (DDP, FSDP2 and TP reduce it), so every rank reaches the same verdict.
+        if self.cfg.precision == "fp16" or self._finite_or_handled(total / len(batches), norm):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(batches)
+
+    def _finite_or_handled(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
+        """True if the step may go ahead; applies the `nonfinite` policy when it may not."""
+        if bool(torch.isfinite(norm)):  # the one host sync per step
+            self.consecutive_skips = 0
+            return True
+        state, policy = self.state, self.cfg.nonfinite
+        what = f"non-finite loss or gradient norm at step {state.step + 1} (loss {loss.item():.4g}, grad norm {norm.item():.4g})"
+        if policy == "skip":
+            self.consecutive_skips += 1
+            self.skipped_steps += 1
+            state.log({"train/skipped_steps": self.skipped_steps})
+            if self.consecutive_skips > self.cfg.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"{what}: {self.consecutive_skips} steps in a row skipped, more than max_consecutive_skips={self.cfg.max_consecutive_skips}"
+                )
+            return False
+        if policy == "stop":
+            state.request_stop(f"{what}; stopped with a checkpoint (nonfinite=stop)")
+            self.save_on_stop = True
+            return False
+        raise FloatingPointError(f"{what}; set nonfinite=skip or nonfinite=stop to go on")
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -227,11 +261,16 @@ class Trainer:
         self.state.unlogged.clear()
 
     def _agree_to_stop(self) -> bool:
-        """Every rank stops if any rank's callbacks asked to (one tiny all-reduce)."""
+        """Every rank stops, and saves, if any rank asked to (one tiny all-reduce)."""
         state = self.state
-        if any_rank(state.should_stop, self.env.device) and not state.should_stop:
+        if self.preempted_by and not state.should_stop:
+            state.request_stop(f"received {self.preempted_by}: saved a checkpoint and stopped")
+            self.save_on_stop = True
+        stop, save = any_rank([state.should_stop, self.save_on_stop], self.env.device)
+        if stop and not state.should_stop:
             state.request_stop("another rank requested a stop")
-        return state.should_stop
+        self.save_on_stop = save
+        return stop
 
     @contextlib.contextmanager
     def _sync_gradients(self, sync: bool) -> Iterator[None]:
@@ -279,6 +318,25 @@ class _Window:
         }
         self.__init__()
         return metrics
+
+
+@contextlib.contextmanager
+def _catch_preemption(trainer: Trainer) -> Iterator[None]:
+    """While fitting, SIGTERM and SIGUSR1 (schedulers' preemption notices) ask for a stop with a
+    checkpoint at the next step boundary instead of killing the process mid-step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def note(signum: int, frame: object) -> None:
+        trainer.preempted_by = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _padded(loader: DataLoader, count: int) -> Iterator[Batch]:

@@ -148,10 +148,12 @@ class EarlyStopping(Callback):
         self.best_weights: dict[str, Any] | None = None
         self.best_step: int | None = None  # the step whose weights `best_weights` holds
         self._fitting = False
+        self._checks_at_start = 0
 
     # ------------------------------------------------------------------------- hooks
     def on_fit_start(self, state: TrainState) -> None:
         self._fitting = True
+        self._checks_at_start = self.checks
         self.best_weights = None
         self.best_step = None
 
@@ -169,7 +171,7 @@ class EarlyStopping(Callback):
 
     def on_fit_end(self, state: TrainState) -> None:
         self._fitting = False
-        if self.checks == 0 and state.is_global_zero:
+        if self.checks == self._checks_at_start and state.is_global_zero:
             warnings.warn(
                 f"EarlyStopping never checked {self.monitor!r} during the fit "
                 f"(check_on={self.check_on}: no "

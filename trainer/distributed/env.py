@@ -111,9 +111,13 @@ def all_reduce_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank: the way every stop decision is agreed."""
-    return bool(all_reduce_max(int(flag), device))
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank if it is true on any rank: how stop and save are agreed."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def barrier() -> None:

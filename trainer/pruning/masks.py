@@ -177,6 +177,10 @@ def cubic_sparsity(
     if num_prunes <= 0:
         return final
     k = min((step - start) // every, num_prunes)
+    if k == 0:
+        return initial  # exactly s_i and s_f at the ends, no rounding error
+    if k == num_prunes:
+        return final
     return final + (initial - final) * (1.0 - k / num_prunes) ** 3
 
 
