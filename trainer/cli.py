@@ -28,6 +28,7 @@ from rich.table import Table
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import trainer
+from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, TrainConfig, register_schema, validate
 from trainer.distributed.env import distributed
 from trainer.distributed.launch import launch
@@ -127,6 +128,9 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(f"hooktrain: config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as err:
+        print(f"hooktrain: checkpoint error: {err}", file=sys.stderr)
+        sys.exit(3)
     finally:
         _job_started = time.time()
     # A sweeper that optimises (e.g. Optuna) reads the returned value.

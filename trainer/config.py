@@ -257,6 +257,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> TrainConfig:
         raise ConfigError("the config does not follow the train schema (missing `train_schema`?)")
 
     typed.parallel.degrees(world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    if typed.resume not in (None, "auto"):
+        _require(
+            os.path.isdir(typed.resume),
+            "resume",
+            f"no checkpoint folder at {typed.resume!r} (use a checkpoints/step_N folder, or auto)",
+        )
     allowed = tuple(typed.allowed_targets)
     check_target(typed.model, "model", allowed, injected=("input_shape", "num_classes"))
     check_target(typed.data.dataset, "data.dataset", allowed)
