@@ -106,7 +106,12 @@ class Checkpointer:
         return final
 
     def _delete_old(self) -> None:
-        complete = sorted(p for p in self.root.glob("step_*") if not p.name.endswith(".partial"))
+        # Oldest first by commit time (the manifest's), not by step: after a resume from an
+        # older checkpoint, stale higher steps go before the checkpoint just written.
+        complete = sorted(
+            (p for p in self.root.glob("step_*") if (p / MANIFEST).is_file()),
+            key=lambda p: (p / MANIFEST).stat().st_mtime_ns,
+        )
         for old in complete[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -174,7 +179,7 @@ def load(folder: Path, trainer: Trainer) -> None:
         set_state_dict(
             trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd
         )
-    except Exception as err:
+    except (Exception, dcp.api.CheckpointException) as err:  # DCP's is a BaseException
         raise CheckpointError(f"{folder}: does not fit this model/optimizer ({err})") from None
     saved = torch.load(folder / TRAINER_STATE, weights_only=True)
     trainer.state.load_state_dict(saved["state"])

@@ -158,6 +158,9 @@ class Trainer:
         loss as a tensor (no host sync: `.item()` happens only on log steps)."""
         self.model.train()
         total = torch.zeros((), device=self.env.device)
+        # Weight each micro-batch by its share of the step's samples, so that accumulation equals
+        # one step on the combined batch even when the epoch's last micro-batch is short.
+        count = sum(targets.numel() for _, targets in batches)
         for i, (inputs, targets) in enumerate(batches):
             inputs = inputs.to(self.env.device, non_blocking=True)
             targets = targets.to(self.env.device, non_blocking=True)
@@ -165,8 +168,9 @@ class Trainer:
             # DDP all-reduces gradients in backward; during accumulation only the last one should.
             with self._sync_gradients(last), self._autocast():
                 loss = self.loss(self.model(inputs), targets)
-            self.scaler.scale(loss / len(batches)).backward()
-            total += loss.detach()
+            share = targets.numel() / count
+            self.scaler.scale(loss * share).backward()
+            total += loss.detach() * share
         self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         if self.cfg.grad_clip > 0:
             norm = clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -174,11 +178,11 @@ class Trainer:
             norm = grad_norm(self.model.parameters())
         # fp16's grad scaler skips non-finite steps itself; otherwise the policy decides. The norm
         # is global (DDP, FSDP2 and TP reduce it), so every rank reaches the same verdict.
-        if self.cfg.precision == "fp16" or self._finite_or_handled(total / len(batches), norm):
+        if self.cfg.precision == "fp16" or self._finite_or_handled(total, norm):
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(batches)
+        return total
 
     def _finite_or_handled(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
         """True if the step may go ahead; applies the `nonfinite` policy when it may not."""

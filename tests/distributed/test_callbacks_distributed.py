@@ -1,0 +1,287 @@
+"""EarlyStopping and DropoutSchedule on 2-rank gloo runs (CPU): DDP with an MLP, FSDP2 with the
+TransformerClassifier. Each rank writes what it saw to `<tmp>/rank<r>.json`; the test compares the
+ranks with each other and with the schedule's closed form.
+
+Early stopping must be decided by each rank's own callback on the reduced metric (identical on
+both ranks), not merely imposed by the loop's all-reduce of `should_stop`: both ranks report their
+own stop at the same step with the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+CASES = ("ddp", "fsdp")
+JOIN_SECONDS = 100  # the children are killed after this; pytest-timeout is the last resort
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ the children
+
+
+def _config(case: str) -> Any:
+    from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
+
+    es_node: dict[str, Any] = {"_target_": "trainer.callbacks.early_stopping.EarlyStopping"}
+    ds_node: dict[str, Any] = {"_target_": "trainer.callbacks.dropout_schedule.DropoutSchedule"}
+    if case == "ddp":
+        # Checks on train/loss (reduced over both ranks' batches) at log steps 2, 4, 6, 8:
+        # the first sets the best, min_delta=10 lets nothing improve on it, patience 3 -> step 8.
+        es_node.update(monitor="train/loss", check_on="step", min_delta=10.0, patience=3)
+        # Only the first dropout module, named through DDP's `module.` prefix.
+        ds_node.update(schedule="linear", start_value=0.4, end_value=0.0, pattern=r"^net\.3$")
+        model = {"_target_": "trainer.models.MLP", "hidden": [16, 16], "dropout": 0.1}
+        dataset_shape, strategy, epochs = [8], "ddp", 3
+    else:
+        # val/loss (summed over both ranks' shards) after epochs 0 and 1: the first sets the best,
+        # the second cannot improve on it (min_delta=100): stop at step 16, restore epoch 0.
+        es_node.update(monitor="val/loss", min_delta=100.0, patience=1, restore_best_weights=True)
+        ds_node.update(schedule="early", start_value=0.3, until_step=6, early_mode="linear")
+        model = {
+            "_target_": "trainer.models.TransformerClassifier",
+            "dim": 16,
+            "depth": 2,
+            "heads": 2,
+        }
+        dataset_shape, strategy, epochs = [4, 4], "fsdp", 4
+    return TrainConfig(
+        data=DataConfig(
+            dataset={
+                "_target_": "trainer.data.datasets.synthetic",
+                "num_samples": 320,  # 256 train: 128 per rank, 8 steps of 16
+                "input_shape": dataset_shape,
+                "num_classes": 4,
+            },
+            batch_size=16,
+            eval_batch_size=64,
+        ),
+        model=model,
+        optim={"_target_": "torch.optim.AdamW", "lr": 1e-2},
+        schedule=None,
+        parallel=ParallelConfig(strategy=strategy, backend="gloo", timeout_s=60),
+        callbacks={"dropout": ds_node, "es": es_node},
+        logger={},
+        checkpoint=CheckpointConfig(save_final=False),
+        device="cpu",
+        max_epochs=epochs,
+        log_every_steps=2,
+        test_after_fit=False,
+    )
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a state-dict entry (a DTensor's local shard under FSDP2)."""
+    to_local = getattr(value, "to_local", None)
+    return (to_local() if to_local is not None else value).detach().clone()
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    """One rank: both cases in turn in one process group (one start-up for both), each writing
+    `<case>_rank<r>.json`."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
+    torch.set_num_threads(1)
+    from trainer.distributed.env import init_distributed, teardown
+
+    env = init_distributed("cpu", "gloo", 60)
+    try:
+        for case in CASES:
+            result: dict[str, Any] = {"rank": rank}
+            try:
+                result.update(_run_case(case, env, Path(out_dir) / f"{case}_run{rank}"))
+            except BaseException:
+                result["error"] = traceback.format_exc()
+                raise
+            finally:
+                (Path(out_dir) / f"{case}_rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        teardown()
+
+
+def _run_case(case: str, env: Any, run_dir: Path) -> dict[str, Any]:
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from trainer.build import build_trainer
+    from trainer.callbacks.base import Callback
+    from trainer.callbacks.dropout_schedule import canonical_name
+    from trainer.distributed.parallelize import unwrap
+    from trainer.models.attention import SelfAttention
+
+    class Probe(Callback):
+        """Placed after the callbacks under test: the step, the checks EarlyStopping saw, the
+        weights at each validation, and (through forward pre-hooks) the rates in the model."""
+
+        def __init__(self, model: nn.Module, es: Any) -> None:
+            self.step = -1
+            self.es = es
+            self.rates: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+            self.checks: list[tuple[int, float]] = []
+            self.weights: dict[int, dict[str, torch.Tensor]] = {}
+            for name, module in unwrap(model).named_modules():
+                attr = "p" if isinstance(module, nn.Dropout) else None
+                attr = "attn_dropout" if isinstance(module, SelfAttention) else attr
+                if attr:
+                    module.register_forward_pre_hook(self._hook(f"{canonical_name(name)}.{attr}"))
+
+        def _hook(self, site: str):
+            attr = site.rsplit(".", 1)[1]
+
+            def read(module: nn.Module, args: Any) -> None:
+                if module.training:
+                    self.rates[site][self.step].append(getattr(module, attr))
+
+            return read
+
+        def on_step_start(self, state: Any) -> None:
+            self.step = state.step
+
+        def on_step_end(self, state: Any) -> None:
+            if self.es.check_on == "step" and self.es.monitor in state.unlogged:
+                self.checks.append((state.step, state.metrics[self.es.monitor]))
+
+        def on_eval_end(self, state: Any) -> None:
+            if self.es.check_on == "eval":
+                self.checks.append((state.step, state.metrics[self.es.monitor]))
+                sd = get_model_state_dict(state.model)
+                self.weights[state.step] = {k: _local(v) for k, v in sd.items()}
+
+    trainer, _ = build_trainer(_config(case), env, run_dir)
+    schedule, es = trainer.callbacks
+    probe = Probe(trainer.model, es)
+    trainer.callbacks.append(probe)
+    state = trainer.fit()
+    final = {k: _local(v) for k, v in get_model_state_dict(trainer.model).items()}
+    steps = sorted(probe.weights)
+
+    def same(step: int) -> bool:
+        return all(torch.equal(final[k], probe.weights[step][k]) for k in final)
+
+    return {
+        "step": state.step,
+        "max_steps": state.max_steps,
+        "stop_reason": state.stop_reason,
+        "es_state": es.state_dict(),
+        "es_best_step": es.best_step,
+        "checks": probe.checks,
+        "rates": {s: {str(t): v for t, v in r.items()} for s, r in probe.rates.items()},
+        "targets": schedule.target_names,
+        "eval_steps": steps,
+        "final_equals": {str(s): same(s) for s in steps},
+        "wrapper": type(trainer.model).__name__,
+    }
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Both cases on two spawned ranks; {case: [rank 0's result, rank 1's]}."""
+    out = tmp_path_factory.mktemp("ranks")
+    ctx = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + JOIN_SECONDS
+    failure = ""
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks did not finish in {JOIN_SECONDS} s")
+    except ProcessException as err:  # a rank raised or died: its JSON holds the traceback
+        failure = str(err)
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+
+    def read(case: str, rank: int) -> dict[str, Any]:
+        path = out / f"{case}_rank{rank}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        return {"rank": rank, "error": f"no result (an earlier case failed?)\n{failure}"}
+
+    return {case: [read(case, r) for r in range(WORLD)] for case in CASES}
+
+
+def ranks(results: dict[str, list[dict[str, Any]]], case: str) -> list[dict[str, Any]]:
+    errors = [f"rank {r['rank']}:\n{r['error']}" for r in results[case] if "error" in r]
+    assert not errors, "\n".join(errors)
+    return results[case]
+
+
+def assert_rates(result: dict[str, Any], site: str, closed_form: Any, steps: int) -> None:
+    seen = result["rates"][site]
+    assert sorted(int(t) for t in seen) == list(range(steps)), site
+    for t, rates in seen.items():
+        expected = closed_form(int(t))
+        assert rates and all(r == pytest.approx(expected, abs=1e-12) for r in rates), (
+            f"rank {result['rank']} {site} step {t}: {rates} != {expected}"
+        )
+
+
+# ------------------------------------------------------------------------------ the tests
+
+
+@pytest.mark.timeout(120)
+def test_ddp_ranks_stop_together_on_the_reduced_train_loss(results):
+    r0, r1 = ranks(results, "ddp")
+    for r in (r0, r1):
+        assert r["wrapper"] == "DistributedDataParallel"
+        assert r["step"] == 8 < r["max_steps"]
+        assert r["stop_reason"].startswith("early stopping at step 8: train/loss did not improve")
+        assert r["es_state"]["stopped_step"] == 8 and r["es_state"]["wait_count"] == 3
+        assert [s for s, _ in r["checks"]] == [2, 4, 6, 8]
+        # The pattern saw the name without DDP's `module.` prefix: one module driven.
+        assert r["targets"] == ["net.3.p"]
+        T = r["max_steps"]
+        assert_rates(r, "net.3.p", lambda t, T=T: 0.4 - 0.4 * t / T, r["step"])
+        assert_rates(r, "net.6.p", lambda t: 0.1, r["step"])  # untouched
+    # The metric behind the decision is the reduced one: bit-identical on both ranks.
+    assert r0["checks"] == r1["checks"]
+    assert r0["stop_reason"] == r1["stop_reason"]
+    assert r0["es_state"] == r1["es_state"]
+
+
+@pytest.mark.timeout(120)
+def test_fsdp_transformer_schedule_stop_and_restore_best_weights(results):
+    r0, r1 = ranks(results, "fsdp")
+    for r in (r0, r1):
+        assert r["wrapper"].startswith("FSDP")
+        assert r["step"] == 16 < r["max_steps"]
+        assert "val/loss did not improve" in r["stop_reason"]
+        assert r["eval_steps"] == [8, 16]
+        assert r["es_best_step"] == 8
+        # The weights in the model after the fit are this rank's shards of the epoch-0 weights.
+        assert r["final_equals"] == {"8": True, "16": False}
+        early = lambda t: 0.3 * (1 - t / 6) if t < 6 else 0.0  # noqa: E731
+        sites = [f"blocks.{i}.attn.attn_dropout" for i in range(2)]
+        sites += ["dropout.p", "blocks.0.attn.dropout.p", "blocks.1.mlp.dropout.p"]
+        for site in sites:
+            assert_rates(r, site, early, r["step"])
+        assert len(r["targets"]) == 7
+    assert r0["checks"] == r1["checks"] and len(r0["checks"]) == 2
+    assert math.isfinite(r0["checks"][0][1])
+    assert r0["stop_reason"] == r1["stop_reason"] and r0["es_state"] == r1["es_state"]
