@@ -155,7 +155,8 @@ class Trainer:
     # ---------------------------------------------------------------------------- one step
     def train_step(self, batches: Sequence[Batch]) -> torch.Tensor:
         """Forward and backward over the micro-batches, then one optimizer step. Returns the mean
-        loss as a tensor (no host sync: `.item()` happens only on log steps)."""
+        loss as a tensor; its `.item()` waits for log steps. The step's one host sync is the
+        finiteness check of the gradient norm."""
         self.model.train()
         total = torch.zeros((), device=self.env.device)
         # Weight each micro-batch by its share of the step's samples, so that accumulation equals
