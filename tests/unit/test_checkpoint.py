@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, fo
 
 from tests.helpers import ADAMW, StepLosses, clone_model, make_trainer  # noqa: E402
 from trainer.callbacks.base import Callback  # noqa: E402
+from trainer.callbacks.dropout_schedule import DropoutSchedule  # noqa: E402
 from trainer.checkpoint import MANIFEST, TRAINER_STATE, CheckpointError, verify  # noqa: E402
 from trainer.state import TrainState  # noqa: E402
 
@@ -263,18 +264,26 @@ def test_save_replaces_stale_partial_of_same_step(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("every", "resume_mode", "saved_at"),
+    ("every", "resume_mode", "saved_at", "workers", "dropout_schedule"),
     [
-        (5, "auto", (1, 2)),  # saves at steps 5 and 10: resume from 10, epoch 1, 2 batches in
-        (5, "path", (1, 2)),
-        (8, "auto", (0, 8)),  # saves at step 8: the last batch of epoch 0, before its validation
+        (5, "auto", (1, 2), 0, False),  # saves at steps 5 and 10: resume from 10, epoch 1, 2 in
+        (5, "path", (1, 2), 0, False),
+        (8, "auto", (0, 8), 0, False),  # saves at step 8: the last batch of epoch 0, before val
+        # Two loader worker processes and a dropout schedule on top of shuffling and LR decay.
+        (5, "auto", (1, 2), 2, True),
     ],
-    ids=["mid_epoch_auto", "mid_epoch_path", "epoch_end_auto"],
+    ids=["mid_epoch_auto", "mid_epoch_path", "epoch_end_auto", "workers_dropout_schedule"],
 )
-def test_resume_is_bit_identical(tmp_path, every, resume_mode, saved_at):
+def test_resume_is_bit_identical(tmp_path, every, resume_mode, saved_at, workers, dropout_schedule):
+    extra = dict(RESUMABLE, data={"num_workers": workers})
+
+    def callbacks(*more: Callback) -> list[Callback]:
+        linear = DropoutSchedule(schedule="linear", start_value=0.3, end_value=0.05)
+        return [linear, *more] if dropout_schedule else list(more)
+
     # Uninterrupted: 24 steps, nothing saved.
     straight_losses = StepLosses()
-    straight = make_trainer(tmp_path / "straight", callbacks=[straight_losses], **RESUMABLE)
+    straight = make_trainer(tmp_path / "straight", callbacks=callbacks(straight_losses), **extra)
     straight.fit()
     assert len(straight_losses.losses) == 24
 
@@ -284,7 +293,10 @@ def test_resume_is_bit_identical(tmp_path, every, resume_mode, saved_at):
     ckpt = {"every_steps": every}
     crashed_losses = StepLosses()
     crashed = make_trainer(
-        run_dir, checkpoint=ckpt, callbacks=[crashed_losses, CrashAt(12)], **RESUMABLE
+        run_dir,
+        checkpoint=ckpt,
+        callbacks=callbacks(crashed_losses, CrashAt(12)),
+        **extra,
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.fit()
@@ -300,8 +312,8 @@ def test_resume_is_bit_identical(tmp_path, every, resume_mode, saved_at):
         run_dir,
         checkpoint=ckpt,
         resume="auto" if resume_mode == "auto" else str(folder),
-        callbacks=[resumed_losses, CrashAt(None), first],
-        **RESUMABLE,
+        callbacks=callbacks(resumed_losses, CrashAt(None), first),
+        **extra,
     )
     assert not torch.equal(  # a fresh build starts from the initial weights, not the saved ones
         next(resumed.model.parameters()), next(crashed.model.parameters())
