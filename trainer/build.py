@@ -43,10 +43,15 @@ def build_model(cfg: TrainConfig, splits: DataSplits) -> torch.nn.Module:
     )
 
 
-def build_callbacks(cfg: TrainConfig) -> list[Callback]:
-    """The LR schedule first, then `callbacks` in config order (a null entry switches one off)."""
+def build_callbacks(cfg: TrainConfig, run_dir: Path) -> list[Callback]:
+    """The LR schedule first, then `callbacks` in config order (a null entry switches one off).
+    A callback that takes a `run_dir` argument (to write reports) is given the run folder."""
     nodes = [("schedule", cfg.schedule)] + [(f"callbacks.{k}", v) for k, v in cfg.callbacks.items()]
-    return [build(node, key, cfg.allowed_targets) for key, node in nodes if node is not None]
+    return [
+        build(node, key, cfg.allowed_targets, run_dir=str(run_dir))
+        for key, node in nodes
+        if node is not None
+    ]
 
 
 def build_loggers(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Logger:
@@ -86,7 +91,7 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
         test_loader=eval_loader(splits.test, cfg.data, env) if len(splits.test) else None,
         cfg=cfg,
         env=env,
-        callbacks=build_callbacks(cfg),
+        callbacks=build_callbacks(cfg, run_dir),
         logger=build_loggers(cfg, env, run_dir),
         checkpointer=Checkpointer(run_dir, cfg.checkpoint, cfg.resume),
     )

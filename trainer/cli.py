@@ -72,7 +72,11 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
         if typed.test_after_fit and not fit_trainer.preempted_by:  # preempted: exit promptly
             metrics.update(fit_trainer.test())
         summary = {
-            **{k: v for k, v in metrics.items() if k.startswith(("train/", "val/", "test/"))},
+            **{
+                k: v
+                for k, v in metrics.items()
+                if k.startswith(("train/", "val/", "test/", "pruning/"))
+            },
             **throughput_summary(
                 fit_trainer.samples_per_second(), env.world_size, facts, env.device
             ),

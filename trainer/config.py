@@ -268,9 +268,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> TrainConfig:
     check_target(typed.data.dataset, "data.dataset", allowed)
     check_target(typed.optim, "optim", allowed, injected=("params",))
     if typed.schedule is not None:
-        check_target(typed.schedule, "schedule", allowed)
+        check_target(typed.schedule, "schedule", allowed, injected=("run_dir",))
     for group, nodes, injected in (
-        ("callbacks", typed.callbacks, ()),
+        ("callbacks", typed.callbacks, ("run_dir",)),
         ("logger", typed.logger, ("save_dir",)),
     ):
         for name, node in nodes.items():

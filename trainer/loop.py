@@ -73,6 +73,9 @@ class Trainer:
             steps_per_epoch=steps_per_epoch,
             rank=env.rank,
             world_size=env.world_size,
+            evaluate=lambda split: self.measure(
+                {"val": self.val_loader, "test": self.test_loader}[split], split
+            ),
         )
         # bf16 autocast needs no loss scaling; fp16 does, and only CUDA has fp16 autocast kernels.
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -219,9 +222,20 @@ class Trainer:
     def test(self) -> dict[str, float]:
         return self.evaluate(self.test_loader, "test")
 
-    @torch.no_grad()
     def evaluate(self, loader: DataLoader | None, split: str) -> dict[str, float]:
-        """Loss and accuracy over the whole split, summed exactly across ranks."""
+        """Loss and accuracy over the whole split, summed exactly across ranks; logged, and
+        `on_eval_end` fires."""
+        metrics = self.measure(loader, split)
+        if metrics:
+            self.state.log(metrics)
+            self._call("on_eval_end")
+            self._flush_logs()
+        return metrics
+
+    @torch.no_grad()
+    def measure(self, loader: DataLoader | None, split: str) -> dict[str, float]:
+        """`evaluate` without logging or hooks: what callbacks call through `state.evaluate`
+        (e.g. pruning's accuracy before and after). Every rank must call it."""
         if loader is None:
             return {}
         # DDP's wrapper is bypassed (its forward would broadcast buffers); FSDP2 and TP modules
@@ -241,11 +255,7 @@ class Trainer:
             sums[2] += flat_targets.numel()
         model.train(was_training)
         loss_sum, correct, count = all_reduce_sum(sums, self.env.dp_group).tolist()
-        metrics = {f"{split}/loss": loss_sum / count, f"{split}/accuracy": correct / count}
-        self.state.log(metrics)
-        self._call("on_eval_end")
-        self._flush_logs()
-        return metrics
+        return {f"{split}/loss": loss_sum / count, f"{split}/accuracy": correct / count}
 
     def samples_per_second(self) -> float:
         """Global training samples per second in steady state (the first step excluded)."""

@@ -6,6 +6,7 @@ optimizer, loaders) are references that the checkpoint code saves through their 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,9 @@ class TrainState:
     steps_per_epoch: int
     rank: int = 0
     world_size: int = 1
+    # evaluate("val" | "test") -> {"val/loss": ..., "val/accuracy": ...}: a quiet evaluation that
+    # callbacks may run (on every rank at once); it neither logs nor fires on_eval_end.
+    evaluate: Callable[[str], dict[str, float]] | None = field(default=None, repr=False)
 
     step: int = 0  # optimizer steps completed
     epoch: int = 0  # the epoch in progress (0-based)

@@ -24,6 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from trainer.build import build_data, build_model, build_trainer, seed_everything
 from trainer.callbacks.base import Callback
+from trainer.callbacks.lr_schedule import WarmupCosine
 from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
 from trainer.data.loaders import ResumableSampler
 from trainer.distributed.env import DistEnv, distributed
@@ -58,6 +59,7 @@ def make_config(strategy: str, world: int, tp_degree: int = 0) -> TrainConfig:
             "heads": 4,
         },
         optim={"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9},
+        schedule={"_target_": "trainer.callbacks.lr_schedule.WarmupCosine", "warmup_steps": 4},
         parallel=ParallelConfig(
             strategy=strategy, backend="gloo", timeout_s=60, tp_degree=tp_degree
         ),
@@ -82,13 +84,19 @@ def _train_worker(cfg: TrainConfig, run_dir: str) -> dict:
 
 
 def reference_loop(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Plain PyTorch: same init, a fresh permutation every epoch, global batch, clip, SGD."""
+    """Plain PyTorch: same init, a fresh permutation every epoch, global batch, clip, SGD, and
+    torch's own LambdaLR driving the warm-up/cosine factor."""
     seed_everything(cfg.seed)
     splits = build_data(cfg)
     model = build_model(cfg, splits)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     inputs, targets = splits.train.tensors
     n = len(inputs)
+    total_steps = EPOCHS * (n // GLOBAL_BATCH)
+    warmup_cosine = WarmupCosine(warmup_steps=4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine.factor(step, total_steps)
+    )
     for epoch in range(EPOCHS):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         for start in range(0, n - GLOBAL_BATCH + 1, GLOBAL_BATCH):
@@ -98,6 +106,7 @@ def reference_loop(cfg: TrainConfig) -> dict[str, torch.Tensor]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            scheduler.step()
     return model.state_dict()
 
 

@@ -1,0 +1,252 @@
+"""Pruning on 2-rank gloo runs (CPU): DDP with an MLP, FSDP2 with the CNN (DTensor shards).
+
+Each rank gathers the full weights after the fit, checks them against its own full masks, and
+all-gathers the masks' checksums; it writes what it saw to `<tmp>/rank<r>.json`, and the test
+compares both ranks: identical full masks, the exact target sparsity, zeros in the weights exactly
+where the masks say, and (rank 0) an exported model that reloads with the same sparsity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+JOIN_SECONDS = 150  # the children are killed after this; pytest-timeout is the last resort
+
+GRADUAL = {
+    "schedule": "gradual",
+    "sparsity": 0.8,
+    "every_steps": 2,
+    "finetune_epochs": 1,
+    "scope": "global",
+}
+STRUCTURED = {"method": "structured", "scope": "layer", "sparsity": 0.5, "finetune_epochs": 1}
+CASES: dict[str, dict[str, Any]] = {
+    "ddp": {
+        "model": {"_target_": "trainer.models.MLP", "hidden": [32, 32]},
+        "input_shape": [8],
+        "runs": {"gradual": GRADUAL},
+    },
+    "fsdp": {
+        "model": {"_target_": "trainer.models.CNN", "channels": [4, 8], "hidden": 16},
+        "input_shape": [1, 16],
+        "runs": {"gradual": GRADUAL, "structured": STRUCTURED},
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ the children
+
+
+def _config(case: str, pruning: dict[str, Any], report_dir: str) -> Any:
+    from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
+
+    spec = CASES[case]
+    return TrainConfig(
+        data=DataConfig(
+            dataset={
+                "_target_": "trainer.data.datasets.synthetic",
+                "num_samples": 320,  # 256 train: 128 per rank, 8 steps of 16
+                "input_shape": spec["input_shape"],
+                "num_classes": 4,
+            },
+            batch_size=16,
+            eval_batch_size=64,
+        ),
+        model=spec["model"],
+        optim={"_target_": "torch.optim.AdamW", "lr": 1e-2},
+        schedule=None,
+        parallel=ParallelConfig(strategy=case, backend="gloo", timeout_s=60),
+        callbacks={
+            "pruning": {
+                "_target_": "trainer.callbacks.pruning.Pruning",
+                "report_dir": report_dir,
+                "latency_repeats": 2,
+                **pruning,
+            }
+        },
+        logger={},
+        checkpoint=CheckpointConfig(save_final=False),
+        device="cpu",
+        max_epochs=3,
+        log_every_steps=4,
+        test_after_fit=False,
+    )
+
+
+def _checksum(masks: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(masks):
+        digest.update(name.encode())
+        digest.update(masks[name].to(torch.uint8).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _one_run(case: str, name: str, rank: int, out_dir: Path, env: Any) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from trainer.build import build_trainer
+    from trainer.pruning.shrink import full_state_dict, plain_copy
+
+    report_dir = out_dir / name
+    trainer, _ = build_trainer(
+        _config(case, CASES[case]["runs"][name], str(report_dir)), env, out_dir
+    )
+    (cb,) = trainer.callbacks
+    state = trainer.fit()
+
+    full = full_state_dict(trainer.model)  # a collective under FSDP2
+    zeros_match = all(torch.equal(full[k] != 0, m) for k, m in cb.masks.items() if k in cb._weights)
+    total = sum(full[k].numel() for k in cb._weights)
+    nonzero = sum(int(torch.count_nonzero(full[k])) for k in cb._weights)
+    checksum = _checksum(cb.masks)
+    gathered: list[Any] = [None] * WORLD
+    dist.all_gather_object(gathered, checksum)
+    assert len(set(gathered)) == 1, f"ranks hold different masks: {gathered}"
+
+    # The model as trained (DDP forward / FSDP2 forward, a collective) computes the same outputs
+    # as the plain full-weight copy that is measured and shrunk.
+    x = torch.randn(8, *CASES[case]["input_shape"], generator=torch.Generator().manual_seed(0))
+    trainer.model.eval()
+    with torch.no_grad():
+        wrapped_out = trainer.model(x)
+        plain_out = plain_copy(trainer.model)(x)  # a collective under FSDP2
+    result: dict[str, Any] = {
+        "wrapper": type(trainer.model).__name__,
+        "param_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
+        "steps": state.step,
+        "pruned_steps": cb.pruned_steps,
+        "checksum": checksum,
+        "all_checksums": gathered,
+        "mask_names": sorted(cb.masks),
+        "zeros_match_masks": zeros_match,
+        "sparsity": 1 - nonzero / total,
+        "exact_target": round(cb.final * total) / total if cb.method == "unstructured" else None,
+        "report_sparsity": cb.report["sparsity"],
+        "metric_sparsity": state.metrics["pruning/sparsity"],
+        "plain_matches_wrapped": bool(torch.allclose(wrapped_out, plain_out, atol=1e-5)),
+    }
+    if cb.method == "structured":
+        result["row_fractions"] = {
+            k: 1 - m.flatten(1).any(1).float().mean().item()
+            for k, m in cb.masks.items()
+            if k in cb._weights
+        }
+        result["shrunk_params"] = cb.report.get("shrunk_params")
+        result["params"] = cb.report["params"]
+    if rank == 0:
+        exported = torch.load(report_dir / "pruned_model.pt", weights_only=True)
+        result["exported_equal"] = all(torch.equal(exported[k], full[k]) for k in full)
+        result["report_file"] = (report_dir / "pruning_report.json").is_file()
+        result["shrunk_file"] = (report_dir / "pruned_model_shrunk.pt").is_file()
+    return result
+
+
+def _worker(rank: int, case: str, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
+    torch.set_num_threads(1)
+    from trainer.distributed.env import init_distributed, teardown
+
+    result: dict[str, Any] = {"rank": rank}
+    try:
+        env = init_distributed("cpu", "gloo", 60)
+        try:
+            for name in CASES[case]["runs"]:
+                result[name] = _one_run(case, name, rank, Path(out_dir) / f"run{rank}", env)
+        finally:
+            teardown()
+    except BaseException:
+        result["error"] = traceback.format_exc()
+        raise
+    finally:
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def run_ranks(case: str, tmp_path: Path) -> list[dict[str, Any]]:
+    ctx = mp.spawn(_worker, args=(case, free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + JOIN_SECONDS
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {case} ranks did not finish in {JOIN_SECONDS} s")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for result in results:
+        assert "error" not in result, result["error"]
+    return results
+
+
+def _assert_common(r0: dict[str, Any], r1: dict[str, Any]) -> None:
+    assert r0["checksum"] == r1["checksum"]  # identical full masks on both ranks
+    assert r0["all_checksums"] == r1["all_checksums"] == [r0["checksum"]] * WORLD
+    assert r0["pruned_steps"] == r1["pruned_steps"]
+    for r in (r0, r1):
+        assert r["zeros_match_masks"], "the weights' zeros differ from the masks"
+        assert r["plain_matches_wrapped"]
+        assert r["report_sparsity"] == pytest.approx(r["sparsity"], abs=1e-12)
+        assert r["metric_sparsity"] == pytest.approx(r["sparsity"], abs=1e-12)
+    assert r0["sparsity"] == r1["sparsity"]
+    assert r0["exported_equal"] and r0["report_file"]
+
+
+# ------------------------------------------------------------------------------ the tests
+
+
+@pytest.mark.timeout(180)
+def test_ddp_gradual_pruning_identical_masks(tmp_path):
+    r0, r1 = run_ranks("ddp", tmp_path)
+    a, b = r0["gradual"], r1["gradual"]
+    assert a["wrapper"] == "DistributedDataParallel"
+    _assert_common(a, b)
+    assert a["sparsity"] == pytest.approx(a["exact_target"], abs=1e-12)
+    assert a["pruned_steps"][-1] <= a["steps"] - 8  # the last epoch fine-tunes at s_f
+
+
+@pytest.mark.timeout(180)
+def test_fsdp_gradual_and_structured_pruning_identical_masks(tmp_path):
+    r0, r1 = run_ranks("fsdp", tmp_path)
+    a, b = r0["gradual"], r1["gradual"]
+    assert a["wrapper"].startswith("FSDP") and a["param_types"] == ["DTensor"]
+    _assert_common(a, b)
+    assert a["sparsity"] == pytest.approx(a["exact_target"], abs=1e-12)
+
+    a, b = r0["structured"], r1["structured"]
+    _assert_common(a, b)
+    assert a["pruned_steps"] == [16]  # before the first step of the last epoch
+    # Whole rows / channels: half of each pruned layer; the output layer untouched.
+    assert a["row_fractions"] == {
+        "features.0.weight": 0.5,
+        "features.3.weight": 0.5,
+        "classifier.1.weight": 0.5,
+    }
+    assert "classifier.1.bias" in a["mask_names"]
+    assert a["shrunk_params"] < 0.5 * a["params"] and r0["structured"]["shrunk_file"]
