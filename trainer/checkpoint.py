@@ -17,6 +17,7 @@ pickle, so load checkpoints only from folders you trust (your run folder, or a p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +35,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trainer.config import CheckpointConfig
-from trainer.distributed.env import all_reduce_max, barrier
+from trainer.distributed.env import all_reduce_max, barrier, dist_rank
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
+
+# DCP warns, on every save and load, that a world of one saves and loads in one process.
+warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -51,7 +56,9 @@ class Checkpointer:
         self.root = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.resume = resume
-        self.last_saved_step = -1
+        self.last_saved_step = -1  # the newest step saved (perhaps still being written)
+        self.last_committed_step = -1  # the newest step whose checkpoint is complete on disk
+        self.pending: tuple | None = None  # a save to commit: (future, partial, final, step, world)
 
     # ------------------------------------------------------------------ when to save
     def maybe_save(self, trainer: Trainer) -> None:
@@ -60,12 +67,21 @@ class Checkpointer:
             self.save(trainer)
 
     def save_final(self, trainer: Trainer, force: bool = False) -> None:
-        """At the end of fit (`force`: a stop that must leave a checkpoint, e.g. preemption)."""
+        """At the end of fit (`force`: a stop that must leave a checkpoint, e.g. preemption).
+        Also completes a save still running in the background."""
         if (self.cfg.save_final or force) and self.last_saved_step != trainer.state.step:
             self.save(trainer)
+        self.finish_pending()
 
     # ------------------------------------------------------------------ save
     def save(self, trainer: Trainer) -> Path:
+        """Write a checkpoint of this step. Every rank calls it at the same step.
+
+        With `async_save`, model and optimizer are copied to CPU memory here and written by a
+        background thread while training goes on; the checkpoint is committed (manifest, rename)
+        at the next save or at the end of fit.
+        """
+        self.finish_pending()
         state, rank = trainer.state, trainer.env.rank
         final = self.root / f"step_{state.step:08d}"
         partial = final.with_name(final.name + ".partial")
@@ -73,26 +89,33 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
             partial.mkdir(parents=True)
         barrier()
-        try:
+        with self._reporting_failure(partial):
             model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-            with warnings.catch_warnings():  # DCP warns that a world of one saves in one process
-                warnings.filterwarnings("ignore", "torch.distributed is disabled")
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
+            write = dcp.async_save if self.cfg.async_save else dcp.save
+            written = write({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
             _save_atomic(_rng_state(), partial / f"rng_rank{rank}.pt")
             if rank == 0:
                 _save_atomic(_trainer_state(trainer), partial / TRAINER_STATE)
-        except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
-            shutil.rmtree(partial, ignore_errors=True)
-            previous = self.last_saved_step
-            kept = f"step {previous} is intact" if previous >= 0 else "no earlier checkpoint exists"
-            raise CheckpointError(
-                f"{partial}: saving the checkpoint failed ({err}); is the disk full? {kept}"
-            ) from err
+        self.pending = (written, partial, final, state.step, trainer.env.world_size)
+        if not self.cfg.async_save:
+            self.finish_pending()
+        self.last_saved_step = state.step
+        return final
+
+    def finish_pending(self) -> None:
+        """Wait for a background write, then commit: manifest last, then the atomic rename."""
+        if self.pending is None:
+            return
+        written, partial, final, step, world_size = self.pending
+        self.pending = None
+        with self._reporting_failure(partial):
+            if self.cfg.async_save:
+                written.result()
         barrier()
-        if rank == 0:
+        if dist_rank() == 0:
             manifest = {
-                "step": state.step,
-                "world_size": trainer.env.world_size,
+                "step": step,
+                "world_size": world_size,
                 "files": {p.name: _sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
             }
             _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -102,8 +125,19 @@ class Checkpointer:
             _fsync_dir(self.root)
             self._delete_old()
         barrier()
-        self.last_saved_step = state.step
-        return final
+        self.last_committed_step = step
+
+    @contextlib.contextmanager
+    def _reporting_failure(self, partial: Path) -> Iterator[None]:
+        try:
+            yield
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+            shutil.rmtree(partial, ignore_errors=True)
+            previous = self.last_committed_step
+            kept = f"step {previous} is intact" if previous >= 0 else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"{partial}: saving the checkpoint failed ({err}); is the disk full? {kept}"
+            ) from err
 
     def _delete_old(self) -> None:
         # Oldest first by commit time (the manifest's), not by step: after a resume from an
@@ -131,7 +165,7 @@ class Checkpointer:
             folder = Path(self.resume)
         verify(folder)
         load(folder, trainer)
-        self.last_saved_step = trainer.state.step
+        self.last_saved_step = self.last_committed_step = trainer.state.step
 
     def newest_valid(self) -> Path | None:
         for folder in sorted(self.root.glob("step_*"), reverse=True):
@@ -173,9 +207,7 @@ def verify(folder: Path) -> dict[str, Any]:
 def load(folder: Path, trainer: Trainer) -> None:
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
         set_state_dict(
             trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd
         )

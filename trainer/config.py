@@ -128,6 +128,9 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end of fit
     keep_last: int = 2
     save_final: bool = True
+    # Write in a background thread while training goes on (torch.distributed.checkpoint's
+    # async_save); the checkpoint is committed at the next save or at the end of fit.
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         _require(

@@ -264,17 +264,22 @@ def test_save_replaces_stale_partial_of_same_step(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("every", "resume_mode", "saved_at", "workers", "dropout_schedule"),
+    ("every", "resume_mode", "saved_at", "workers", "dropout_schedule", "async_save"),
     [
-        (5, "auto", (1, 2), 0, False),  # saves at steps 5 and 10: resume from 10, epoch 1, 2 in
-        (5, "path", (1, 2), 0, False),
-        (8, "auto", (0, 8), 0, False),  # saves at step 8: the last batch of epoch 0, before val
+        (5, "auto", (1, 2), 0, False, False),  # saves at 5 and 10: resume from 10, epoch 1, 2 in
+        (5, "path", (1, 2), 0, False, False),
+        (8, "auto", (0, 8), 0, False, False),  # saves at 8: the last batch of epoch 0, before val
         # Two loader worker processes and a dropout schedule on top of shuffling and LR decay.
-        (5, "auto", (1, 2), 2, True),
+        (5, "auto", (1, 2), 2, True, False),
+        # Saves written in the background: one is committed at the next save, so the crash
+        # leaves step 10 uncommitted (a .partial folder) and resume falls back to step 5.
+        (5, "auto", (0, 5), 0, False, True),
     ],
-    ids=["mid_epoch_auto", "mid_epoch_path", "epoch_end_auto", "workers_dropout_schedule"],
+    ids=["mid_epoch_auto", "mid_epoch_path", "epoch_end_auto", "workers_dropout_schedule", "async"],
 )
-def test_resume_is_bit_identical(tmp_path, every, resume_mode, saved_at, workers, dropout_schedule):
+def test_resume_is_bit_identical(
+    tmp_path, every, resume_mode, saved_at, workers, dropout_schedule, async_save
+):
     extra = dict(RESUMABLE, data={"num_workers": workers})
 
     def callbacks(*more: Callback) -> list[Callback]:
@@ -290,7 +295,7 @@ def test_resume_is_bit_identical(tmp_path, every, resume_mode, saved_at, workers
     # Interrupted: saves every `every` steps, crashes before step 12, then a fresh trainer
     # resumes from the newest checkpoint.
     run_dir = tmp_path / "interrupted"
-    ckpt = {"every_steps": every}
+    ckpt = {"every_steps": every, "async_save": async_save}
     crashed_losses = StepLosses()
     crashed = make_trainer(
         run_dir,
@@ -300,8 +305,10 @@ def test_resume_is_bit_identical(tmp_path, every, resume_mode, saved_at, workers
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.fit()
-    newest = 11 // every * every
-    assert _folders(run_dir)[-1] == f"step_{newest:08d}"
+    newest = (11 // every - async_save) * every
+    complete = [name for name in _folders(run_dir) if not name.endswith(".partial")]
+    assert complete[-1] == f"step_{newest:08d}"
+    assert ("step_00000010.partial" in _folders(run_dir)) == async_save
     folder = run_dir / "checkpoints" / f"step_{newest:08d}"
     saved = torch.load(folder / TRAINER_STATE, weights_only=True)["state"]
     assert (saved["epoch"], saved["batches_in_epoch"]) == saved_at
