@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import inspect
 import os
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -358,7 +359,7 @@ def _matches(value: Any, expected: Any) -> bool:
     origin = typing.get_origin(expected)
     if expected is Any or isinstance(expected, typing.TypeVar):
         return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_matches(value, arg) for arg in typing.get_args(expected))
     if expected is type(None):
         return value is None
