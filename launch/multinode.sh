@@ -4,6 +4,9 @@
 # --max-restarts: after a crash every rank restarts and `resume=auto` continues from the newest
 # complete checkpoint; the run folder must be on a filesystem all nodes share.
 set -euo pipefail
+# Restarts (--max-restarts) must not reuse the dead workers' rendezvous store entries
+# (pytorch/pytorch#135712): one store per attempt.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 cd "$(dirname "$0")/.."
 : "${NNODES:?set NNODES}" "${NPROC:?set NPROC (processes per node)}" "${RDZV_HOST:?set RDZV_HOST}"
 RUN_ID=${RUN_ID:-hooktrain}

@@ -113,16 +113,17 @@ class Checkpointer:
                 written.result()
         barrier()
         if dist_rank() == 0:
-            manifest = {
-                "step": step,
-                "world_size": world_size,
-                "files": {p.name: _sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
-            }
-            _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
-            if final.exists():
-                shutil.rmtree(final)
-            partial.rename(final)
-            _fsync_dir(self.root)
+            with self._reporting_failure(partial):
+                manifest = {
+                    "step": step,
+                    "world_size": world_size,
+                    "files": {p.name: _sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
+                }
+                _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+                if final.exists():
+                    shutil.rmtree(final)
+                partial.rename(final)
+                _fsync_dir(self.root)
             self._delete_old()
         barrier()
         self.last_committed_step = step
@@ -131,7 +132,9 @@ class Checkpointer:
     def _reporting_failure(self, partial: Path) -> Iterator[None]:
         try:
             yield
-        except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        # torch reports a full disk as a RuntimeError, and DCP wraps write errors in its own
+        # CheckpointException (a BaseException).
+        except (OSError, RuntimeError, dcp.api.CheckpointException) as err:
             shutil.rmtree(partial, ignore_errors=True)
             previous = self.last_committed_step
             kept = f"step {previous} is intact" if previous >= 0 else "no earlier checkpoint exists"

@@ -30,7 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import trainer
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, TrainConfig, register_schema, validate
-from trainer.distributed.env import distributed
+from trainer.distributed.env import any_rank, distributed
 from trainer.distributed.launch import launch
 from trainer.throughput import throughput_summary
 
@@ -69,7 +69,9 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
         fit_trainer.logger.log_config(resolved)
         state = fit_trainer.fit()
         metrics = dict(state.metrics)
-        if typed.test_after_fit and not fit_trainer.preempted_by:  # preempted: exit promptly
+        # Preempted (a signal on any rank): every rank skips the test and exits promptly.
+        preempted = any_rank([fit_trainer.preempted_by is not None], env.device)[0]
+        if typed.test_after_fit and not preempted:
             metrics.update(fit_trainer.test())
         summary = {
             **{

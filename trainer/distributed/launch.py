@@ -22,6 +22,10 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, max_restarts: int = 0
 
     `fn` must be importable by name (a module-level function): the workers are spawned.
     """
+    if max_restarts:
+        # Restarted workers must not read the dead workers' addresses from the launcher's shared
+        # rendezvous store (pytorch/pytorch#135712): give each attempt its own store.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
