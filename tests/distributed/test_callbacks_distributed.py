@@ -1,6 +1,6 @@
 """EarlyStopping and DropoutSchedule on 2-rank gloo runs (CPU): DDP with an MLP, FSDP2 with the
-TransformerClassifier. Each rank writes what it saw to `<tmp>/rank<r>.json`; the test compares the
-ranks with each other and with the schedule's closed form.
+TransformerClassifier. Each rank returns what it saw; the test compares the ranks with each other
+and with the schedule's closed form.
 
 Early stopping must be decided by each rank's own callback on the reduced metric (identical on
 both ranks), not merely imposed by the loop's all-reduce of `should_stop`: both ranks report their
@@ -9,40 +9,35 @@ own stop at the same step with the same reason.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
-import time
-import traceback
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+from trainer.build import build_trainer
+from trainer.callbacks.base import Callback
+from trainer.callbacks.dropout_schedule import canonical_name
+from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
+from trainer.distributed.env import DistEnv, distributed
+from trainer.distributed.launch import launch
+from trainer.distributed.parallelize import unwrap
+from trainer.models.attention import SelfAttention
 
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
 CASES = ("ddp", "fsdp")
-JOIN_SECONDS = 100  # the children are killed after this; pytest-timeout is the last resort
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ------------------------------------------------------------------------------ the ranks
 
 
-# ------------------------------------------------------------------------------ the children
-
-
-def _config(case: str) -> Any:
-    from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
-
+def _config(case: str) -> TrainConfig:
     es_node: dict[str, Any] = {"_target_": "trainer.callbacks.early_stopping.EarlyStopping"}
     ds_node: dict[str, Any] = {"_target_": "trainer.callbacks.dropout_schedule.DropoutSchedule"}
     if case == "ddp":
@@ -96,82 +91,46 @@ def _local(value: torch.Tensor) -> torch.Tensor:
     return (to_local() if to_local is not None else value).detach().clone()
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    """One rank: both cases in turn in one process group (one start-up for both), each writing
-    `<case>_rank<r>.json`."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-    )
-    torch.set_num_threads(1)
-    from trainer.distributed.env import init_distributed, teardown
+class Probe(Callback):
+    """Placed after the callbacks under test: the step, the checks EarlyStopping saw, the weights
+    at each validation, and (through forward pre-hooks) the rates in the model."""
 
-    env = init_distributed("cpu", "gloo", 60)
-    try:
-        for case in CASES:
-            result: dict[str, Any] = {"rank": rank}
-            try:
-                result.update(_run_case(case, env, Path(out_dir) / f"{case}_run{rank}"))
-            except BaseException:
-                result["error"] = traceback.format_exc()
-                raise
-            finally:
-                (Path(out_dir) / f"{case}_rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        teardown()
+    def __init__(self, model: nn.Module, es: Any) -> None:
+        self.step = -1
+        self.es = es
+        self.rates: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.checks: list[tuple[int, float]] = []
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        for name, module in unwrap(model).named_modules():
+            attr = "p" if isinstance(module, nn.Dropout) else None
+            attr = "attn_dropout" if isinstance(module, SelfAttention) else attr
+            if attr:
+                module.register_forward_pre_hook(self._hook(f"{canonical_name(name)}.{attr}"))
+
+    def _hook(self, site: str):
+        attr = site.rsplit(".", 1)[1]
+
+        def read(module: nn.Module, args: Any) -> None:
+            if module.training:
+                self.rates[site][self.step].append(getattr(module, attr))
+
+        return read
+
+    def on_step_start(self, state: Any) -> None:
+        self.step = state.step
+
+    def on_step_end(self, state: Any) -> None:
+        if self.es.check_on == "step" and self.es.monitor in state.unlogged:
+            self.checks.append((state.step, state.metrics[self.es.monitor]))
+
+    def on_eval_end(self, state: Any) -> None:
+        if self.es.check_on == "eval":
+            self.checks.append((state.step, state.metrics[self.es.monitor]))
+            sd = get_model_state_dict(state.model)
+            self.weights[state.step] = {k: _local(v) for k, v in sd.items()}
 
 
-def _run_case(case: str, env: Any, run_dir: Path) -> dict[str, Any]:
-    from torch import nn
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    from trainer.build import build_trainer
-    from trainer.callbacks.base import Callback
-    from trainer.callbacks.dropout_schedule import canonical_name
-    from trainer.distributed.parallelize import unwrap
-    from trainer.models.attention import SelfAttention
-
-    class Probe(Callback):
-        """Placed after the callbacks under test: the step, the checks EarlyStopping saw, the
-        weights at each validation, and (through forward pre-hooks) the rates in the model."""
-
-        def __init__(self, model: nn.Module, es: Any) -> None:
-            self.step = -1
-            self.es = es
-            self.rates: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-            self.checks: list[tuple[int, float]] = []
-            self.weights: dict[int, dict[str, torch.Tensor]] = {}
-            for name, module in unwrap(model).named_modules():
-                attr = "p" if isinstance(module, nn.Dropout) else None
-                attr = "attn_dropout" if isinstance(module, SelfAttention) else attr
-                if attr:
-                    module.register_forward_pre_hook(self._hook(f"{canonical_name(name)}.{attr}"))
-
-        def _hook(self, site: str):
-            attr = site.rsplit(".", 1)[1]
-
-            def read(module: nn.Module, args: Any) -> None:
-                if module.training:
-                    self.rates[site][self.step].append(getattr(module, attr))
-
-            return read
-
-        def on_step_start(self, state: Any) -> None:
-            self.step = state.step
-
-        def on_step_end(self, state: Any) -> None:
-            if self.es.check_on == "step" and self.es.monitor in state.unlogged:
-                self.checks.append((state.step, state.metrics[self.es.monitor]))
-
-        def on_eval_end(self, state: Any) -> None:
-            if self.es.check_on == "eval":
-                self.checks.append((state.step, state.metrics[self.es.monitor]))
-                sd = get_model_state_dict(state.model)
-                self.weights[state.step] = {k: _local(v) for k, v in sd.items()}
-
+def _run_case(case: str, env: DistEnv, run_dir: Path) -> dict[str, Any]:
     trainer, _ = build_trainer(_config(case), env, run_dir)
     schedule, es = trainer.callbacks
     probe = Probe(trainer.model, es)
@@ -184,59 +143,42 @@ def _run_case(case: str, env: Any, run_dir: Path) -> dict[str, Any]:
         return all(torch.equal(final[k], probe.weights[step][k]) for k in final)
 
     return {
+        "rank": env.rank,
         "step": state.step,
         "max_steps": state.max_steps,
         "stop_reason": state.stop_reason,
         "es_state": es.state_dict(),
         "es_best_step": es.best_step,
         "checks": probe.checks,
-        "rates": {s: {str(t): v for t, v in r.items()} for s, r in probe.rates.items()},
+        "rates": {site: dict(by_step) for site, by_step in probe.rates.items()},  # picklable
         "targets": schedule.target_names,
         "eval_steps": steps,
-        "final_equals": {str(s): same(s) for s in steps},
+        "final_equals": {s: same(s) for s in steps},
         "wrapper": type(trainer.model).__name__,
     }
 
 
+def _worker(out_dir: str) -> dict[str, dict[str, Any]]:
+    """One rank: both cases in turn in one process group (one start-up for both)."""
+    with distributed("cpu", "gloo", 60) as env:
+        return {
+            case: _run_case(case, env, Path(out_dir) / f"{case}_run{env.rank}") for case in CASES
+        }
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    """Both cases on two spawned ranks; {case: [rank 0's result, rank 1's]}."""
-    out = tmp_path_factory.mktemp("ranks")
-    ctx = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + JOIN_SECONDS
-    failure = ""
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the ranks did not finish in {JOIN_SECONDS} s")
-    except ProcessException as err:  # a rank raised or died: its JSON holds the traceback
-        failure = str(err)
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-            process.join(5)
-
-    def read(case: str, rank: int) -> dict[str, Any]:
-        path = out / f"{case}_rank{rank}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        return {"rank": rank, "error": f"no result (an earlier case failed?)\n{failure}"}
-
-    return {case: [read(case, r) for r in range(WORLD)] for case in CASES}
-
-
-def ranks(results: dict[str, list[dict[str, Any]]], case: str) -> list[dict[str, Any]]:
-    errors = [f"rank {r['rank']}:\n{r['error']}" for r in results[case] if "error" in r]
-    assert not errors, "\n".join(errors)
-    return results[case]
+    """Both cases on two ranks; {case: [rank 0's result, rank 1's]}. A failing rank raises
+    ChildFailedError here, with its traceback."""
+    by_rank = launch(_worker, WORLD, str(tmp_path_factory.mktemp("ranks")))
+    return {case: [by_rank[r][case] for r in range(WORLD)] for case in CASES}
 
 
 def assert_rates(result: dict[str, Any], site: str, closed_form: Any, steps: int) -> None:
     seen = result["rates"][site]
-    assert sorted(int(t) for t in seen) == list(range(steps)), site
+    assert sorted(seen) == list(range(steps)), site
     for t, rates in seen.items():
-        expected = closed_form(int(t))
+        expected = closed_form(t)
         assert rates and all(r == pytest.approx(expected, abs=1e-12) for r in rates), (
             f"rank {result['rank']} {site} step {t}: {rates} != {expected}"
         )
@@ -247,7 +189,7 @@ def assert_rates(result: dict[str, Any], site: str, closed_form: Any, steps: int
 
 @pytest.mark.timeout(120)
 def test_ddp_ranks_stop_together_on_the_reduced_train_loss(results):
-    r0, r1 = ranks(results, "ddp")
+    r0, r1 = results["ddp"]
     for r in (r0, r1):
         assert r["wrapper"] == "DistributedDataParallel"
         assert r["step"] == 8 < r["max_steps"]
@@ -267,7 +209,7 @@ def test_ddp_ranks_stop_together_on_the_reduced_train_loss(results):
 
 @pytest.mark.timeout(120)
 def test_fsdp_transformer_schedule_stop_and_restore_best_weights(results):
-    r0, r1 = ranks(results, "fsdp")
+    r0, r1 = results["fsdp"]
     for r in (r0, r1):
         assert r["wrapper"].startswith("FSDP")
         assert r["step"] == 16 < r["max_steps"]
@@ -275,7 +217,7 @@ def test_fsdp_transformer_schedule_stop_and_restore_best_weights(results):
         assert r["eval_steps"] == [8, 16]
         assert r["es_best_step"] == 8
         # The weights in the model after the fit are this rank's shards of the epoch-0 weights.
-        assert r["final_equals"] == {"8": True, "16": False}
+        assert r["final_equals"] == {8: True, 16: False}
         early = lambda t: 0.3 * (1 - t / 6) if t < 6 else 0.0  # noqa: E731
         sites = [f"blocks.{i}.attn.attn_dropout" for i in range(2)]
         sites += ["dropout.p", "blocks.0.attn.dropout.p", "blocks.1.mlp.dropout.p"]

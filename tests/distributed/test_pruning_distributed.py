@@ -1,30 +1,30 @@
 """Pruning on 2-rank gloo runs (CPU): DDP with an MLP, FSDP2 with the CNN (DTensor shards).
 
 Each rank gathers the full weights after the fit, checks them against its own full masks, and
-all-gathers the masks' checksums; it writes what it saw to `<tmp>/rank<r>.json`, and the test
-compares both ranks: identical full masks, the exact target sparsity, zeros in the weights exactly
-where the masks say, and (rank 0) an exported model that reloads with the same sparsity.
+all-gathers the masks' checksums; it returns what it saw, and the test compares both ranks:
+identical full masks, the exact target sparsity, zeros in the weights exactly where the masks say,
+and (rank 0) an exported model that reloads with the same sparsity.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import socket
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+import torch.distributed as dist
+
+from trainer.build import build_trainer
+from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
+from trainer.distributed.env import DistEnv, distributed
+from trainer.distributed.launch import launch
+from trainer.pruning.shrink import full_state_dict, plain_copy
 
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
-JOIN_SECONDS = 150  # the children are killed after this; pytest-timeout is the last resort
 
 GRADUAL = {
     "schedule": "gradual",
@@ -48,18 +48,10 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ------------------------------------------------------------------------------ the ranks
 
 
-# ------------------------------------------------------------------------------ the children
-
-
-def _config(case: str, pruning: dict[str, Any], report_dir: str) -> Any:
-    from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
-
+def _config(case: str, pruning: dict[str, Any], report_dir: str) -> TrainConfig:
     spec = CASES[case]
     return TrainConfig(
         data=DataConfig(
@@ -101,12 +93,7 @@ def _checksum(masks: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _one_run(case: str, name: str, rank: int, out_dir: Path, env: Any) -> dict[str, Any]:
-    import torch.distributed as dist
-
-    from trainer.build import build_trainer
-    from trainer.pruning.shrink import full_state_dict, plain_copy
-
+def _one_run(case: str, name: str, env: DistEnv, out_dir: Path) -> dict[str, Any]:
     report_dir = out_dir / name
     trainer, _ = build_trainer(
         _config(case, CASES[case]["runs"][name], str(report_dir)), env, out_dir
@@ -153,7 +140,7 @@ def _one_run(case: str, name: str, rank: int, out_dir: Path, env: Any) -> dict[s
         }
         result["shrunk_params"] = cb.report.get("shrunk_params")
         result["params"] = cb.report["params"]
-    if rank == 0:
+    if env.rank == 0:
         exported = torch.load(report_dir / "pruned_model.pt", weights_only=True)
         result["exported_equal"] = all(torch.equal(exported[k], full[k]) for k in full)
         result["report_file"] = (report_dir / "pruning_report.json").is_file()
@@ -161,48 +148,17 @@ def _one_run(case: str, name: str, rank: int, out_dir: Path, env: Any) -> dict[s
     return result
 
 
-def _worker(rank: int, case: str, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-    )
-    torch.set_num_threads(1)
-    from trainer.distributed.env import init_distributed, teardown
-
-    result: dict[str, Any] = {"rank": rank}
-    try:
-        env = init_distributed("cpu", "gloo", 60)
-        try:
-            for name in CASES[case]["runs"]:
-                result[name] = _one_run(case, name, rank, Path(out_dir) / f"run{rank}", env)
-        finally:
-            teardown()
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+def _worker(case: str, out_dir: str) -> dict[str, dict[str, Any]]:
+    """One rank: the case's runs in turn in one process group; {run name: what this rank saw}."""
+    with distributed("cpu", "gloo", 60) as env:
+        run_dir = Path(out_dir) / f"run{env.rank}"
+        return {name: _one_run(case, name, env, run_dir) for name in CASES[case]["runs"]}
 
 
 def run_ranks(case: str, tmp_path: Path) -> list[dict[str, Any]]:
-    ctx = mp.spawn(_worker, args=(case, free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + JOIN_SECONDS
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {case} ranks did not finish in {JOIN_SECONDS} s")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-            process.join(5)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    for result in results:
-        assert "error" not in result, result["error"]
-    return results
+    """[rank 0's result, rank 1's]; a failing rank raises ChildFailedError, with its traceback."""
+    by_rank = launch(_worker, WORLD, case, str(tmp_path))
+    return [by_rank[r] for r in range(WORLD)]
 
 
 def _assert_common(r0: dict[str, Any], r1: dict[str, Any]) -> None:
