@@ -13,8 +13,10 @@ else
   PY=python
 fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
+  # PyTorch's CPU index as an extra index: for the same version its `+cpu` build ranks above
+  # PyPI's CUDA build, and torch's own dependencies still come from PyPI.
   "$PY" -m pip install -q "torch==${HOOKTRAIN_TORCH_VERSION:-2.13.0}" \
-    ${HOOKTRAIN_TORCH_INDEX:+--index-url "$HOOKTRAIN_TORCH_INDEX"}
+    --extra-index-url "${HOOKTRAIN_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 fi
 extra=${1:+[$1]}
 "$PY" -m pip install -q -e ".${extra}"

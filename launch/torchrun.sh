@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, N processes (one per GPU; on CPU, gloo). Only rank 0's console output is shown;
-# every rank's log is in the run folder as cli_rank<N>.log.
+# every rank's log is in the run folder as hooktrain_rank<N>.log.
 #   NPROC=4 launch/torchrun.sh parallel=fsdp model=transformer
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -67,6 +67,7 @@ def make_config(
         "checkpoint": CheckpointConfig(**ckpt_kw),
         "device": "cpu",
         "max_epochs": 2,
+        "grad_clip": 0.0,
         "log_every_steps": 1,
         "test_after_fit": False,
     }

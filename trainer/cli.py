@@ -45,9 +45,18 @@ def recipes_dir() -> Path:
 
 
 def _run_id() -> str:
-    # Every rank of a torchrun job shares TORCHELASTIC_RUN_ID, so all ranks resolve one run folder;
-    # a plain run uses the clock.
-    return os.environ.get("TORCHELASTIC_RUN_ID") or datetime.now().strftime("%H-%M-%S")
+    """The run folder's name, the same on every rank of a job.
+
+    torchrun shares TORCHELASTIC_RUN_ID with all ranks (`--standalone` draws a fresh one, or set
+    `--rdzv-id`). Without either it is "none" for every job, so the ranks fall back to their
+    launcher's process id, which they share on one node. A plain run uses the clock.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return run_id
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"torchrun-{os.getppid()}"
+    return datetime.now().strftime("%H-%M-%S")
 
 
 OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True, replace=True)
@@ -66,36 +75,38 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
         if env.is_global_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         fit_trainer, facts = build_trainer(typed, env, run_dir)
-        fit_trainer.logger.log_config(resolved)
-        state = fit_trainer.fit()
-        metrics = dict(state.metrics)
-        # Preempted (a signal on any rank): every rank skips the test and exits promptly.
-        preempted = any_rank([fit_trainer.preempted_by is not None], env.device)[0]
-        if typed.test_after_fit and not preempted:
-            metrics.update(fit_trainer.test())
-        summary = {
-            **{
-                k: v
-                for k, v in metrics.items()
-                if k.startswith(("train/", "val/", "test/", "pruning/"))
-            },
-            **throughput_summary(
-                fit_trainer.samples_per_second(), env.world_size, facts, env.device
-            ),
-            "seconds_to_first_step": (fit_trainer.first_step_done or time.time()) - started,
-            "wall_seconds": time.time() - started,
-            "world_size": env.world_size,
-            "parameters": facts["parameters"],
-            "steps": state.step,
-            "epochs": state.epoch,
-            "stop_reason": state.stop_reason or "budget reached",
-            "run_dir": str(run_dir),
-        }
-        fit_trainer.logger.log_metrics(
-            {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
-            state.step,
-        )
-        fit_trainer.logger.finish()
+        try:  # the loggers are closed (files flushed, wandb finished) even when the run fails
+            fit_trainer.logger.log_config(resolved)
+            state = fit_trainer.fit()
+            metrics = dict(state.metrics)
+            # Preempted (a signal on any rank): every rank skips the test and exits promptly.
+            preempted = any_rank([fit_trainer.preempted_by is not None], env.device)[0]
+            if typed.test_after_fit and not preempted:
+                metrics.update(fit_trainer.test())
+            summary = {
+                # the last log window's throughput is in the logs; the summary's is steady-state
+                **{
+                    k: v
+                    for k, v in metrics.items()
+                    if k.startswith(("train/", "val/", "test/", "pruning/"))
+                    and k != "train/samples_per_second"
+                },
+                **throughput_summary(
+                    fit_trainer.samples_per_second(), env.world_size, facts, env.device
+                ),
+                "seconds_to_first_step": (fit_trainer.first_step_done or time.time()) - started,
+                "wall_seconds": time.time() - started,
+                "world_size": env.world_size,
+                "parameters": facts["parameters"],
+                "steps": state.step,
+                "epochs": state.epoch,
+                "stop_reason": state.stop_reason or "budget reached",
+                "run_dir": str(run_dir),
+            }
+            numbers = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+            fit_trainer.logger.log_metrics(numbers, state.step)
+        finally:
+            fit_trainer.logger.finish()
         if env.is_global_zero:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             _print_summary(summary)

@@ -43,7 +43,7 @@ def _require(ok: bool, key: str, problem: str) -> None:
 @dataclass
 class DataConfig:
     dataset: dict[str, Any] = field(default_factory=dict)  # a `_target_` node -> DataSplits
-    batch_size: int = 64  # per process; the global batch is batch_size * world_size
+    batch_size: int = 64  # per data-parallel rank; the global batch is batch_size * dp ranks
     eval_batch_size: int = 512
     num_workers: int = 0
     shuffle: bool = True  # reshuffle the training set every epoch (seeded, same on every rank)
@@ -158,10 +158,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA only)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    max_epochs: int = 10
+    max_epochs: int = 15
     max_steps: int = -1  # optimizer steps; -1 means max_epochs decides
     grad_accum_steps: int = 1
-    grad_clip: float = 0.0  # max global grad norm; 0 turns clipping off
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     log_every_steps: int = 10
     val_every_epochs: int = 1  # 0 turns per-epoch validation off
     test_after_fit: bool = True

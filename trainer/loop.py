@@ -25,12 +25,19 @@ from trainer.callbacks.base import Callback
 from trainer.config import TrainConfig
 from trainer.data.loaders import start_epoch
 from trainer.distributed.clip import clip_grad_norm_, grad_norm
-from trainer.distributed.env import DistEnv, all_reduce_max, all_reduce_sum, any_rank
+from trainer.distributed.env import DistEnv, all_reduce_max, all_reduce_sum, any_rank, dtype_of
 from trainer.distributed.parallelize import unwrap
 from trainer.loggers.base import Logger
 from trainer.state import TrainState
 
 Batch = Sequence[torch.Tensor]
+
+
+def flat_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """One loss for both tasks: (B, C) vs (B,) for classification, (B, T, V) vs (B, T) for LMs."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction=reduction)
 
 
 class Trainer:
@@ -73,12 +80,12 @@ class Trainer:
             steps_per_epoch=steps_per_epoch,
             rank=env.rank,
             world_size=env.world_size,
-            evaluate=lambda split: self.measure(
+            measure=lambda split: self.measure(
                 {"val": self.val_loader, "test": self.test_loader}[split], split
             ),
         )
         # bf16 autocast needs no loss scaling; fp16 does, and only CUDA has fp16 autocast kernels.
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast_dtype = None if cfg.precision == "fp32" else dtype_of(cfg.precision)
         if cfg.precision == "fp16" and env.device.type != "cuda":
             raise ValueError("precision=fp16 needs a CUDA device; use precision=bf16 on CPU")
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
@@ -158,8 +165,8 @@ class Trainer:
     # ---------------------------------------------------------------------------- one step
     def train_step(self, batches: Sequence[Batch]) -> torch.Tensor:
         """Forward and backward over the micro-batches, then one optimizer step. Returns the mean
-        loss as a tensor; its `.item()` waits for log steps. The step's one host sync is the
-        finiteness check of the gradient norm."""
+        loss as a tensor; its `.item()` waits for log steps. The step syncs with the host once,
+        for the finiteness check of the gradient norm."""
         self.model.train()
         total = torch.zeros((), device=self.env.device)
         # Weight each micro-batch by its share of the step's samples, so that accumulation equals
@@ -171,7 +178,7 @@ class Trainer:
             last = i == len(batches) - 1
             # DDP all-reduces gradients in backward; during accumulation only the last one should.
             with self._sync_gradients(last), self._autocast():
-                loss = self.loss(self.model(inputs), targets)
+                loss = flat_cross_entropy(self.model(inputs), targets)
             share = targets.numel() / count
             self.scaler.scale(loss * share).backward()
             total += loss.detach() * share
@@ -210,11 +217,6 @@ class Trainer:
             return False
         raise FloatingPointError(f"{what}; set nonfinite=skip or nonfinite=stop to go on")
 
-    @staticmethod
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # One loss for both tasks: (B, C) vs (B,) for classification, (B, T, V) vs (B, T) for LMs.
-        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
-
     # ---------------------------------------------------------------------------- evaluation
     def validate(self) -> dict[str, float]:
         return self.evaluate(self.val_loader, "val")
@@ -234,7 +236,7 @@ class Trainer:
 
     @torch.no_grad()
     def measure(self, loader: DataLoader | None, split: str) -> dict[str, float]:
-        """`evaluate` without logging or hooks: what callbacks call through `state.evaluate`
+        """`evaluate` without logging or hooks: what callbacks call through `state.measure`
         (e.g. pruning's accuracy before and after). Every rank must call it."""
         if loader is None:
             return {}
@@ -249,10 +251,9 @@ class Trainer:
             targets = targets.to(self.env.device, non_blocking=True)
             with self._autocast():
                 logits = model(inputs)
-            flat_logits, flat_targets = logits.flatten(0, -2).float(), targets.flatten()
-            sums[0] += F.cross_entropy(flat_logits, flat_targets, reduction="sum")
-            sums[1] += (flat_logits.argmax(-1) == flat_targets).sum()
-            sums[2] += flat_targets.numel()
+            sums[0] += flat_cross_entropy(logits, targets, reduction="sum")
+            sums[1] += (logits.argmax(-1) == targets).sum()
+            sums[2] += targets.numel()
         model.train(was_training)
         loss_sum, correct, count = all_reduce_sum(sums, self.env.dp_group).tolist()
         return {f"{split}/loss": loss_sum / count, f"{split}/accuracy": correct / count}

@@ -22,16 +22,16 @@ class TrainState:
     steps_per_epoch: int
     rank: int = 0
     world_size: int = 1
-    # evaluate("val" | "test") -> {"val/loss": ..., "val/accuracy": ...}: a quiet evaluation that
+    # measure("val" | "test") -> {"val/loss": ..., "val/accuracy": ...}: a quiet evaluation that
     # callbacks may run (on every rank at once); it neither logs nor fires on_eval_end.
-    evaluate: Callable[[str], dict[str, float]] | None = field(default=None, repr=False)
+    measure: Callable[[str], dict[str, float]] | None = field(default=None, repr=False)
 
     step: int = 0  # optimizer steps completed
     epoch: int = 0  # the epoch in progress (0-based)
     batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     samples_seen: int = 0  # global training samples consumed
-    # Latest values by name ("train/loss", "val/accuracy", "lr", ...). Callbacks may add entries;
-    # the loop sends them to the loggers on log steps.
+    # Latest values by name ("train/loss", "val/accuracy", "lr", ...). Write through `log()`:
+    # only what `log()` records reaches the loggers (on the next log step).
     metrics: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False  # set through request_stop(); agreed across ranks by the loop
     stop_reason: str = ""

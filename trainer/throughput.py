@@ -6,9 +6,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from trainer.loop import flat_cross_entropy
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in FLOP/s. MFU is
 # quoted against the bf16 peak whatever precision the run uses, as torchtitan and PaLM do.
@@ -28,7 +29,7 @@ def train_flops_per_sample(model: nn.Module, inputs: torch.Tensor, targets: torc
     probe = copy.deepcopy(model)
     with FlopCounterMode(display=False) as counter:
         logits = probe(inputs)
-        F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten()).backward()
+        flat_cross_entropy(logits, targets).backward()
     return counter.get_total_flops() // len(inputs)
 
 

@@ -41,7 +41,9 @@ def test_installed_wheel_runs_outside_the_checkout(tmp_path):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(source)], check=True)  # fmt: skip
     wheel = next((tmp_path / "dist").glob("hooktrain-*.whl"))
     site = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True
+    )
     env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "offline"}
     probe = "import trainer, trainer.cli as c; print(trainer.__file__); print(c.recipes_dir())"
     where = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)  # fmt: skip

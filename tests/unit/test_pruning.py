@@ -261,7 +261,7 @@ def test_trainer_gradual_pruning_reaches_target(tmp_path):
     report = cb.report
     assert report["sparsity"] == pytest.approx(final, abs=1e-12)
     assert set(report["layers"]) == set(names)
-    # Accuracy is measured through state.evaluate just before the first prune and at the
+    # Accuracy is measured through state.measure just before the first prune and at the
     # end of the fine-tune.
     before, after = report["accuracy"]["before"], report["accuracy"]["after"]
     assert before["source"] == after["source"] == "evaluated"
@@ -324,7 +324,7 @@ def test_oneshot_after_training_and_structured_export(tmp_path):
     trainer, state = _fit(tmp_path, pruning, max_epochs=1)
     (cb,) = trainer.callbacks
     assert cb.pruned_steps == [state.max_steps]  # on_fit_end, after the last validation
-    # The pruned model is evaluated on the spot (state.evaluate): the same numbers as the
+    # The pruned model is evaluated on the spot (state.measure): the same numbers as the
     # trainer's own evaluation of the model it now holds.
     after = cb.report["accuracy"]["after"]
     assert after["step"] == state.max_steps
@@ -342,7 +342,7 @@ def test_oneshot_after_training_and_structured_export(tmp_path):
 
 
 def test_accuracy_before_and_after_through_state_evaluate(tmp_path):
-    """With an `evaluate(split)` on the TrainState (the proposed core change), the report holds
+    """With a `measure(split)` on the TrainState, the report holds
     the accuracy of the dense model right before pruning and of the pruned model right after."""
     trainer, _ = build_trainer(_config(tmp_path, {"sparsity": 0.9}, max_epochs=1), ENV, tmp_path)
     (cb,) = trainer.callbacks
@@ -359,7 +359,7 @@ def test_accuracy_before_and_after_through_state_evaluate(tmp_path):
         seen.append((trainer.state.step, _weight_sparsity(model, cb._weights)))
         return {f"{split}/accuracy": correct / count}
 
-    trainer.state.evaluate = evaluate
+    trainer.state.measure = evaluate
     state = trainer.fit()
     before, after = cb.report["accuracy"]["before"], cb.report["accuracy"]["after"]
     assert before["source"] == after["source"] == "evaluated"

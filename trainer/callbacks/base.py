@@ -25,12 +25,18 @@ class Callback:
             validate -> on_eval_end       state.metrics holds "val/loss", "val/accuracy"
             on_epoch_end
             agree on should_stop
+        (the final checkpoint is written here, before on_fit_end)
         on_fit_end                        after the last step; the model is still wrapped
         on_exception                      instead of the rest, if anything above raised
 
+    A `max_steps` budget that ends inside an epoch leaves that epoch open: no validation and no
+    on_epoch_end for it, so that a resumed run continues inside it. After fit, the command line
+    evaluates the test split: on_eval_end fires once more with "test/..." metrics.
+
     Callbacks run in config order. To stop, call `state.request_stop(reason)`: the loop reduces
-    the request across ranks so that every rank stops after the same step. To log, write into
-    `state.metrics`. Whatever `state_dict()` returns is saved in checkpoints and handed back to
+    the request across ranks so that every rank stops after the same step. To log, call
+    `state.log({...})`. `state.measure("val")` evaluates quietly (every rank must call it).
+    Whatever `state_dict()` returns is saved in checkpoints and handed back to
     `load_state_dict()` on resume; keep it to tensors and plain Python values.
     """
 

@@ -288,13 +288,13 @@ class Pruning(Callback):
 
     # ------------------------------------------------------------------------------ report
     def _accuracy(self, state: TrainState) -> dict[str, Any]:
-        """Accuracy now: through `state.evaluate` when the trainer provides it, else the latest
+        """Accuracy now: through `state.measure` when the trainer provides it, else the latest
         validation (none before the first one)."""
-        evaluate = getattr(state, "evaluate", None)
-        if callable(evaluate):
+        measure = getattr(state, "measure", None)
+        if callable(measure):
             metrics: dict[str, Any] = {}
             for split in ("val", "test"):
-                metrics.update(evaluate(split) or {})
+                metrics.update(measure(split) or {})
             return {**metrics, "step": state.step, "source": "evaluated"}
         if "val/accuracy" not in state.metrics:
             return {"step": state.step, "source": "no validation yet"}
@@ -307,7 +307,7 @@ class Pruning(Callback):
 
     def _report(self, state: TrainState) -> dict[str, Any]:
         after = None
-        if callable(getattr(state, "evaluate", None)) or self.validated_since_pruning:
+        if callable(getattr(state, "measure", None)) or self.validated_since_pruning:
             after = self._accuracy(state)
         weights = full_state_dict(state.model)  # a collective under FSDP2: every rank
         report: dict[str, Any] = {
