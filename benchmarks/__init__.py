@@ -1,0 +1,1 @@
+"""Benchmarks of hooktrain against plain PyTorch loops (docs/benchmarks.md)."""

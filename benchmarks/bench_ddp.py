@@ -1,0 +1,144 @@
+"""hooktrain `parallel=ddp` against a plain DistributedDataParallel loop: 2 processes, gloo, CPU.
+
+    python -m benchmarks.bench_ddp            # ~2-2.5 minutes on 2 CPU cores
+    python -m benchmarks.bench_ddp --quick    # smoke run: a few steps
+
+Both loops run in the same 2 processes, started once by `trainer.distributed.launch.launch`
+(torchrun's elastic engine), one intra-op thread each, on one process group, in alternating
+segments (`benchmarks.common.interleave`). The plain loop (`benchmarks.common.PlainLoop`):
+`DistributedDataParallel`, `DistributedSampler(num_replicas=2)`, gloo. hooktrain: `build_trainer`
+with `parallel=ddp parallel.backend=gloo` (`ParallelConfig(strategy="ddp", backend="gloo")`) and
+its default callbacks and loggers (rank 0). Workloads as in bench_loop with
+`benchmarks.common.BATCH` per process, so the global batch is twice that; samples/s are global,
+timed on rank 0.
+
+Then the scaling on this machine: the plain loop in one process with the global batch, on one and
+on two threads, against the two processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/bench_ddp.py`
+
+from benchmarks.common import (  # noqa: E402
+    BATCH,
+    BENCH_ENV,
+    COMPARISON,
+    PlainLoop,
+    comparison,
+    hooktrain_config,
+    interleave,
+    load_average,
+    machine,
+    markdown_table,
+    median,
+    plain_spec,
+    wait_for_quiet,
+)
+from trainer.distributed.env import distributed  # noqa: E402
+from trainer.distributed.launch import launch  # noqa: E402
+
+NPROC = 2
+
+
+def _rank(cfgs: dict, rounds: int, steps: int) -> dict:
+    """One rank: each model's plain and hooktrain segments, interleaved on one process group."""
+    from trainer.build import build_trainer
+
+    torch.set_num_threads(1)
+    with distributed("cpu", "gloo", 300) as env:
+        out = {}
+        for model, cfg in cfgs.items():
+            with tempfile.TemporaryDirectory() as run_dir:  # rank 0 writes the logs
+                trainer, _ = build_trainer(cfg, env, Path(run_dir))
+                plain = PlainLoop(plain_spec(cfg), ddp=True)
+                gc.collect()
+                batch = cfg.data.batch_size * env.world_size
+                out[model] = interleave(plain, trainer, rounds, steps, batch)
+                trainer.logger.finish()
+    return out
+
+
+def _one_process(spec: dict, threads: int, steps: int) -> float:
+    """samples/s of the plain loop in this process on `threads` threads, after 5 warm-up steps."""
+    torch.set_num_threads(threads)
+    loop = PlainLoop(spec)
+    for _ in range(5):
+        loop.step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loop.step()
+    return steps * spec["batch_size"] / (time.perf_counter() - started)
+
+
+def scaling(cfgs: dict, ddp: dict, rounds: int, steps: int) -> str:
+    """The plain loop in one process with the global batch, on 1 and on 2 threads (alternating,
+    `rounds` runs of `steps` steps each), against the 2 processes."""
+    rows = []
+    for model, cfg in cfgs.items():
+        spec = {**plain_spec(cfg), "batch_size": NPROC * cfg.data.batch_size}
+        one = {1: [], 2: []}
+        for _ in range(rounds):
+            for threads, runs in one.items():
+                runs.append(_one_process(spec, threads, steps))
+        cells = [median(one[1]), median(one[2])]
+        cells += [median(ddp[model]["plain"]), median(ddp[model]["hooktrain"])]
+        speedup = cells[2] / max(cells[:2])
+        rows.append([model, spec["batch_size"], *(f"{x:.0f}" for x in cells), f"{speedup:.2f}x"])
+    headers = [
+        "model",
+        "global batch",
+        "1 process, 1 thread",
+        "1 process, 2 threads",
+        "2 processes, plain DDP",
+        "2 processes, hooktrain DDP",
+        "plain DDP / best 1 process",
+    ]
+    return markdown_table(headers, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
+    parser.add_argument("--models", nargs="+", choices=list(BATCH), default=list(BATCH))
+    parser.add_argument("--rounds", type=int, default=10, help="segments of each loop, timed")
+    parser.add_argument("--steps", type=int, default=40, help="steps per segment")
+    parser.add_argument(
+        "--wait-load",
+        type=float,
+        default=0,
+        help="first wait (<= 10 min) until the 1-minute load average is below this",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.rounds, args.steps = args.models[:1], 1, 5
+    if args.wait_load:
+        wait_for_quiet(args.wait_load)
+    os.environ.update(BENCH_ENV)
+    print(f"Machine: {machine()}; {NPROC} processes x 1 intra-op thread, gloo.\n")
+
+    total = args.steps * (args.rounds + 1)
+    cfgs = {
+        m: hooktrain_config(m, total, "parallel=ddp", "parallel.backend=gloo") for m in args.models
+    }
+    ddp = launch(_rank, NPROC, cfgs, args.rounds, args.steps)[0]
+    rows = [[m, NPROC * cfg.data.batch_size, *comparison(ddp[m])] for m, cfg in cfgs.items()]
+    print(f"DDP: segments of {args.steps} steps, {args.rounds} rounds, the same 2 processes:\n")
+    print(markdown_table(["model", "global batch", *COMPARISON], rows))
+    print("\nScaling, samples/s (one process: the plain loop in this process; medians):\n")
+    print(scaling(cfgs, ddp, min(args.rounds, 3), args.steps))
+    print(f"\nLoad average at the end: {load_average()} (1, 5, 15 min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""hooktrain against a plain PyTorch loop in one process: throughput, peak memory, time to first step.
+
+    python -m benchmarks.bench_loop            # ~2.5-3.5 minutes on 2 CPU cores
+    python -m benchmarks.bench_loop --quick    # smoke run: a few steps, one fresh-process pair
+
+Workloads: the mlp, cnn, gru and transformer recipes on synthetic (1, 32, 32) images, 10 classes,
+with the batch sizes in `benchmarks.common.BATCH`. hooktrain runs its default job (`recipes/`:
+WarmupCosine, the rich progress bar, TensorBoard + wandb offline + jsonl loggers, AdamW,
+grad_clip 1.0) with validation, test and checkpoints off; the plain loop
+(`benchmarks.common.PlainLoop`) does the same work.
+
+1. Throughput: both loops in this process on one intra-op thread, in alternating segments of
+   `--steps` steps (`benchmarks.common.interleave`), `--rounds` of each after a warm-up round.
+2. Fresh processes: the real CLI (`python -m trainer ...`) and the plain loop
+   (`python -m benchmarks.common`) each in a new process: peak RSS, RSS just before the first step,
+   and the wall time from starting the process (measured here) to the end of the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/bench_loop.py`
+
+from benchmarks.common import (  # noqa: E402
+    BATCH,
+    BENCH_ENV,
+    COMPARISON,
+    REPO,
+    PlainLoop,
+    cli_overrides,
+    comparison,
+    hooktrain_config,
+    interleave,
+    load_average,
+    machine,
+    markdown_table,
+    median,
+    plain_spec,
+    wait_for_quiet,
+)
+
+
+def throughput(models: list[str], rounds: int, steps: int) -> str:
+    from trainer.build import build_trainer
+    from trainer.distributed.env import DistEnv
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    rows = []
+    for model in models:
+        cfg = hooktrain_config(model, steps * (rounds + 1))
+        batch = cfg.data.batch_size
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer, _ = build_trainer(cfg, env, Path(run_dir))
+            plain = PlainLoop(plain_spec(cfg))
+            gc.collect()
+            results = interleave(plain, trainer, rounds, steps, batch)
+            trainer.logger.finish()
+        step_ms = 1000 * batch / median(results["plain"])
+        rows.append([model, batch, f"{step_ms:.1f}", *comparison(results)])
+        runs = {k: [round(sps) for sps in v] for k, v in results.items()}
+        print(f"  {model} samples/s per segment: {runs}", file=sys.stderr)
+    return markdown_table(["model", "batch", "plain step (ms)", *COMPARISON], rows)
+
+
+def fresh_process(model: str, variant: str, steps: int) -> dict[str, float]:
+    """Run one variant in a new process; returns its first-step time and RSS figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report, run_dir = Path(tmp) / "report.json", Path(tmp) / "run"
+        if variant == "hooktrain":
+            command = [
+                "-m",
+                "trainer",
+                *cli_overrides(model, steps),
+                f"hydra.run.dir={run_dir}",
+                "allowed_targets=[trainer.,torch.optim.,torch.nn.,benchmarks.]",
+                "+callbacks.clock._target_=benchmarks.common.StepClock",
+                f"+callbacks.clock.report={report}",
+            ]
+        else:
+            spec = plain_spec(hooktrain_config(model, steps))
+            command = ["-m", "benchmarks.common", json.dumps(spec), str(report)]
+        env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        started = time.time()
+        subprocess.run(
+            [sys.executable, *command], cwd=tmp, env=env, check=True, capture_output=True
+        )
+        facts = json.loads(report.read_text())
+        facts["to_first_step"] = facts["first_step_wall"] - started
+        if variant == "hooktrain":
+            summary = json.loads((run_dir / "summary.json").read_text())
+            facts["summary_to_first_step"] = summary["seconds_to_first_step"]
+        return facts
+
+
+def fresh_processes(models: list[str], steps: int) -> str:
+    rows = []
+    for model in models:
+        plain, hook = (fresh_process(model, v, steps) for v in ("plain", "hooktrain"))
+        grown = {
+            name: f["peak_rss_mib"] - f["rss_before_first_step_mib"]
+            for name, f in (("plain", plain), ("hooktrain", hook))
+        }
+        rows.append(
+            [
+                model,
+                f"{plain['peak_rss_mib']:.0f} / {hook['peak_rss_mib']:.0f}",
+                f"{hook['peak_rss_mib'] / plain['peak_rss_mib']:.2f}x",
+                f"{grown['plain']:.0f} / {grown['hooktrain']:.0f}",
+                f"{grown['hooktrain'] / grown['plain']:.2f}x",
+                f"{plain['to_first_step']:.1f}",
+                f"{hook['to_first_step']:.1f}",
+                f"{hook['summary_to_first_step']:.1f}",
+            ]
+        )
+    headers = [
+        "model",
+        "peak RSS MiB plain / hooktrain",
+        "ratio",
+        "training RSS growth MiB plain / hooktrain",
+        "ratio",
+        "plain: s to first step",
+        "hooktrain: s to first step",
+        "hooktrain summary.json seconds_to_first_step",
+    ]
+    return markdown_table(headers, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
+    parser.add_argument("--models", nargs="+", choices=list(BATCH), default=list(BATCH))
+    parser.add_argument("--rounds", type=int, default=20, help="segments of each loop, timed")
+    parser.add_argument("--steps", type=int, default=40, help="steps per segment")
+    parser.add_argument(
+        "--wait-load",
+        type=float,
+        default=0,
+        help="first wait (<= 10 min) until the 1-minute load average is below this",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 1, 5
+    if args.wait_load:
+        wait_for_quiet(args.wait_load)
+    os.environ.update(BENCH_ENV)
+    torch.set_num_threads(1)
+
+    print(f"Machine: {machine()}; 1 intra-op thread.\n")
+    print(f"Throughput: segments of {args.steps} steps, {args.rounds} rounds, same process:\n")
+    print(throughput(args.models, args.rounds, args.steps))
+    fresh, steps = (args.models[:1], 5) if args.quick else (args.models, 20)
+    print(f"\nFresh processes ({steps} steps each):\n")
+    print(fresh_processes(fresh, steps))
+    print(f"\nLoad average at the end: {load_average()} (1, 5, 15 min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Shared pieces of the benchmarks: the workloads, hooktrain's config for them, the plain PyTorch
+loop that does the same work, interleaved timing, and the markdown table.
+
+`python -m benchmarks.common SPEC_JSON REPORT` is the plain loop's own fresh process (peak memory,
+time to first step), so this module imports only torch and the model and data modules at the top;
+Hydra and the trainer's builder are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from trainer.callbacks.base import Callback
+
+REPO = Path(__file__).resolve().parents[1]
+INPUT_SHAPE = (1, 32, 32)  # synthetic data, 10 classes: an MNIST-sized image for every model
+# Batch size per process for each model recipe: one training step takes ~10-30 ms on one core.
+BATCH = {"mlp": 256, "cnn": 32, "gru": 64, "transformer": 32}
+# wandb offline and quiet; rich draws the progress bar as on a terminal even when stderr is a file
+# (otherwise it would skip the drawing and the benchmark would not pay for it).
+BENCH_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TTY_COMPATIBLE": "1"}
+
+
+# ------------------------------------------------------------------------------ hooktrain
+def cli_overrides(model: str, steps: int) -> list[str]:
+    """`hooktrain` overrides for the benchmark workload: the default job (WarmupCosine, the progress
+    bar, TensorBoard + wandb + jsonl, AdamW, grad_clip 1.0) without validation, test or checkpoint."""
+    shape = ",".join(map(str, INPUT_SHAPE))
+    return [
+        f"model={model}",
+        "data=synthetic",
+        f"data.dataset.input_shape=[{shape}]",
+        f"data.batch_size={BATCH[model]}",
+        "device=cpu",
+        f"max_steps={steps}",
+        "val_every_epochs=0",
+        "test_after_fit=false",
+        "checkpoint.save_final=false",
+    ]
+
+
+def hooktrain_config(model: str, steps: int, *overrides: str) -> Any:
+    """The `TrainConfig` that `hooktrain <cli_overrides> <overrides>` would run."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.cli import recipes_dir  # also registers the schema and the resolvers
+    from trainer.config import validate
+
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[*cli_overrides(model, steps), *overrides])
+    return validate(cfg)
+
+
+# ------------------------------------------------------------------------------ plain PyTorch
+def plain_spec(cfg: Any) -> dict[str, Any]:
+    """What the plain loop needs from a hooktrain config to do the same work (JSON-able)."""
+    assert cfg.grad_accum_steps == 1 and cfg.precision == "fp32" and not cfg.compile
+    return {
+        "dataset": cfg.data.dataset,
+        "model": cfg.model,
+        "optim": cfg.optim,
+        "batch_size": cfg.data.batch_size,
+        "num_workers": cfg.data.num_workers,
+        "seed": cfg.seed,
+        "grad_clip": cfg.grad_clip,
+        "steps": cfg.max_steps,
+    }
+
+
+def _construct(node: dict[str, Any], **extra: Any) -> Any:
+    """`node["_target_"](**node, **extra)`, without Hydra."""
+    module, _, name = node["_target_"].rpartition(".")
+    kwargs = {k: v for k, v in node.items() if k != "_target_"}
+    return getattr(importlib.import_module(module), name)(**kwargs, **extra)
+
+
+class PlainLoop:
+    """A hand-written loop doing hooktrain's work: the same data, model, AdamW, cross-entropy and
+    gradient clipping, `zero_grad(set_to_none=True)`, batches drawn by a `DistributedSampler`
+    (num_replicas=1, rank=0 in one process, as hooktrain does) reshuffled each epoch. With `ddp`:
+    `DistributedDataParallel` and the data sharded over the default process group."""
+
+    def __init__(self, spec: dict[str, Any], ddp: bool = False) -> None:
+        torch.manual_seed(spec["seed"])
+        splits = _construct(spec["dataset"])
+        model = _construct(
+            spec["model"], input_shape=splits.input_shape, num_classes=splits.num_classes
+        )
+        self.model = DistributedDataParallel(model) if ddp else model
+        self.optimizer = _construct(spec["optim"], params=self.model.parameters())
+        self.sampler = DistributedSampler(
+            splits.train,
+            num_replicas=dist.get_world_size() if ddp else 1,
+            rank=dist.get_rank() if ddp else 0,
+            shuffle=True,
+            seed=spec["seed"],
+            drop_last=True,
+        )
+        self.loader = DataLoader(
+            splits.train,
+            batch_size=spec["batch_size"],
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=spec["num_workers"],
+        )
+        self.grad_clip = spec["grad_clip"]
+        self.batches = self._epochs()
+        self.model.train()
+
+    def _epochs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = 0
+        while True:
+            self.sampler.set_epoch(epoch)
+            yield from self.loader
+            epoch += 1
+
+    def step(self) -> None:
+        inputs, targets = next(self.batches)
+        loss = F.cross_entropy(self.model(inputs), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+
+
+# ------------------------------------------------------------------------------ measuring
+class StepClock(Callback):
+    """Notes the time at the end of every step: hooktrain calls it as its last callback, the plain
+    loop by hand. With `report` (a path), it writes at fit end what a fresh process measures: the
+    wall-clock time the first step ended, the RSS just before the first step, and the peak RSS."""
+
+    def __init__(self, report: str | None = None) -> None:
+        self.report = report
+        self.ends: list[float] = []  # time.perf_counter() at the end of each step
+        self.first_step_wall: float | None = None
+        self.rss_before_first_step_mib: float | None = None
+
+    def on_step_start(self, state: Any = None) -> None:
+        if self.rss_before_first_step_mib is None:
+            self.rss_before_first_step_mib = rss_mib()
+
+    def on_step_end(self, state: Any = None) -> None:
+        self.ends.append(time.perf_counter())
+        if self.first_step_wall is None:
+            self.first_step_wall = time.time()
+
+    def on_fit_end(self, state: Any = None) -> None:
+        if self.report:
+            facts = {
+                "first_step_wall": self.first_step_wall,
+                "rss_before_first_step_mib": self.rss_before_first_step_mib,
+                "peak_rss_mib": peak_rss_mib(),
+            }
+            Path(self.report).write_text(json.dumps(facts))
+
+
+def interleave(
+    plain: PlainLoop, trainer: Any, rounds: int, steps: int, batch: int
+) -> dict[str, list[float]]:
+    """Alternate `steps`-step segments of the plain loop and of hooktrain, `rounds` of each after
+    one warm-up round, in the order plain, hooktrain, hooktrain, plain, plain, ...; each segment's
+    samples/s from the end of its first step to the end of its last. hooktrain's segments are
+    `fit()` calls on one trainer whose `state.max_steps` is raised by `steps` each time: like a
+    resumed run, each starts and stops the callbacks (the progress bar), the data order runs on,
+    the loggers stay open. `batch` is the global batch."""
+    clock = StepClock()
+    trainer.callbacks.append(clock)
+    trainer.state.max_steps = trainer.state.step
+
+    def plain_segment() -> list[float]:
+        ends = []
+        for _ in range(steps):
+            plain.step()
+            ends.append(time.perf_counter())
+        return ends
+
+    def hooktrain_segment() -> list[float]:
+        trainer.state.max_steps += steps
+        trainer.fit()
+        return clock.ends[-steps:]
+
+    segments = {"plain": plain_segment, "hooktrain": hooktrain_segment}
+    results: dict[str, list[float]] = {"plain": [], "hooktrain": []}
+    for round_ in range(rounds + 1):
+        for name in ("plain", "hooktrain") if round_ % 2 == 0 else ("hooktrain", "plain"):
+            ends = segments[name]()
+            if round_ > 0:
+                results[name].append((steps - 1) * batch / (ends[-1] - ends[0]))
+    trainer.callbacks.remove(clock)
+    return results
+
+
+COMPARISON = [
+    "plain samples/s",
+    "hooktrain samples/s",
+    "hooktrain/plain",
+    "middle half",
+    "best/best",
+]
+
+
+def comparison(results: dict[str, list[float]]) -> list[str]:
+    """Table cells (COMPARISON): median samples/s of each loop; the median of the per-round ratios
+    hooktrain/plain (adjacent segments share the machine's load) and their interquartile range;
+    the ratio of each loop's best segment (the least disturbed by other processes)."""
+    plain, hook = results["plain"], results["hooktrain"]
+    ratios = [h / p for p, h in zip(plain, hook, strict=True)]
+    low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return [
+        f"{median(plain):.0f}",
+        f"{median(hook):.0f}",
+        f"**{median(ratios):.3f}x**",
+        f"{low:.2f}-{high:.2f}",
+        f"{max(hook) / max(plain):.3f}x",
+    ]
+
+
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
+
+
+def rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    # Not getrusage's ru_maxrss: a child started by fork + exec inherits its parent's high-water
+    # mark there (an empty child of a 500 MiB parent reports 500 MiB); VmHWM starts afresh.
+    return _status_mib("VmHWM")
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def wait_for_quiet(below: float, timeout: float = 600, every: float = 30) -> None:
+    """Wait until the 1-minute load average is below `below`, checking every `every` s, for at
+    most `timeout` s (then go on, and the printed load says under what it was measured)."""
+    deadline = time.monotonic() + timeout
+    while os.getloadavg()[0] >= below and time.monotonic() < deadline:
+        print(f"load average {load_average()}: waiting for < {below}", file=sys.stderr)
+        time.sleep(every)
+
+
+def machine() -> str:
+    """The machine, torch, the hooktrain commit measured, and the load."""
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    git = ["git", "--no-optional-locks", "-C", str(REPO)]  # read-only: never touches the index
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "trainer", "recipes"]).returncode
+    return (
+        f"{os.cpu_count()} CPU cores ({names[0] if names else platform.machine()}), "
+        f"torch {torch.__version__}, Python {platform.python_version()}, hooktrain "
+        f"{commit.stdout.strip() or '?'}{' + uncommitted changes' if dirty else ''}, "
+        f"load average {load_average()} (1, 5, 15 min)"
+    )
+
+
+if __name__ == "__main__":
+    # The plain loop in its own process: python -m benchmarks.common SPEC_JSON REPORT_PATH
+    spec, clock = json.loads(sys.argv[1]), StepClock(report=sys.argv[2])
+    loop = PlainLoop(spec)
+    for _ in range(spec["steps"]):
+        clock.on_step_start()
+        loop.step()
+        clock.on_step_end()
+    clock.on_fit_end()
