@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # tests.* (fault injection, helpers) import as a package
 
 # wandb offline and quiet; one intra-op thread so that parallel test processes share 2 cores.
 TEST_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
@@ -44,3 +45,20 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def fault_table():
+    """The table of injected faults (docs/faults.md), written at the end of the session when
+    $HOOKTRAIN_FAULT_TABLE names a file."""
+    from tests import faults
+
+    yield from faults.fault_table_fixture()
+
+
+@pytest.fixture
+def record_fault(request, fault_table):
+    """`record_fault(fault, injected, happened)`: this test's row of the fault table."""
+    from tests import faults
+
+    yield from faults.record_fault_fixture(request, fault_table)

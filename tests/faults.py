@@ -231,9 +231,8 @@ FAULT_TABLE = FaultTable()
 
 
 def fault_table_fixture() -> Iterator[FaultTable]:
-    """Body of the session-scoped `fault_table` fixtures: yields the shared table and, at the end
-    of the session, writes it to $HOOKTRAIN_FAULT_TABLE when that is set. Several test modules
-    may each define the fixture; every teardown writes the same shared rows."""
+    """Body of the session-scoped `fault_table` fixture (tests/conftest.py): yields the shared
+    table and, at the end of the session, writes it to $HOOKTRAIN_FAULT_TABLE when that is set."""
     yield FAULT_TABLE
     path = os.environ.get(TABLE_ENV)
     if path and FAULT_TABLE.rows:

@@ -35,7 +35,6 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # the checkout, for tests.faults / tests.helpers
 
-from tests import faults  # noqa: E402
 from tests.faults import WeightWatch, read_jsonl, snapshot  # noqa: E402
 from tests.helpers import ADAMW, make_config, make_trainer  # noqa: E402
 from trainer.checkpoint import MANIFEST, TRAINER_STATE, verify  # noqa: E402
@@ -80,17 +79,6 @@ def tiny(**changes: str | None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def fault_table():
-    yield from faults.fault_table_fixture()
-
-
-@pytest.fixture
-def record_fault(request, fault_table):
-    """`record_fault(fault, injected, happened)`: this test's row of the fault table."""
-    yield from faults.record_fault_fixture(request, fault_table)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -19,7 +19,6 @@ import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for tests.*
 
-from tests import faults  # noqa: E402
 from tests.faults import NaNInput, WeightWatch, snapshot  # noqa: E402
 from tests.helpers import make_config, make_trainer  # noqa: E402
 from trainer.callbacks.base import Callback  # noqa: E402
@@ -29,17 +28,6 @@ from trainer.distributed.env import DistEnv, distributed  # noqa: E402
 from trainer.distributed.launch import launch  # noqa: E402
 
 MAX_STEPS = 12  # 8 steps per epoch (256 samples, batch 32): the run crosses an epoch boundary
-
-
-@pytest.fixture(scope="session")
-def fault_table():
-    yield from faults.fault_table_fixture()
-
-
-@pytest.fixture
-def record_fault(request, fault_table):
-    """`record_fault(fault, injected, happened)`: this test's row of the fault table."""
-    yield from faults.record_fault_fixture(request, fault_table)
 
 
 @pytest.fixture(autouse=True, scope="module")
