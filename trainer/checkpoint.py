@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -96,7 +97,9 @@ class Checkpointer:
             _save_atomic(_rng_state(), partial / f"rng_rank{rank}.pt")
             if rank == 0:
                 _save_atomic(_trainer_state(trainer), partial / TRAINER_STATE)
-        self.pending = (written, partial, final, state.step, trainer.env.world_size)
+        # The monitored value as it stands at this step (the latest validation's, say).
+        best_value = state.metrics.get(self.cfg.best_monitor) if self.cfg.best_monitor else None
+        self.pending = (written, partial, final, state.step, trainer.env.world_size, best_value)
         if not self.cfg.async_save:
             self.finish_pending()
         self.last_saved_step = state.step
@@ -106,7 +109,7 @@ class Checkpointer:
         """Wait for a background write, then commit: manifest last, then the atomic rename."""
         if self.pending is None:
             return
-        written, partial, final, step, world_size = self.pending
+        written, partial, final, step, world_size, best_value = self.pending
         self.pending = None
         with self._reporting_failure(partial):
             if self.cfg.async_save:
@@ -117,6 +120,9 @@ class Checkpointer:
                 manifest = {
                     "step": step,
                     "world_size": world_size,
+                    "monitor": {self.cfg.best_monitor: best_value}
+                    if best_value is not None
+                    else {},
                     "files": {p.name: _sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
                 }
                 _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -149,8 +155,23 @@ class Checkpointer:
             (p for p in self.root.glob("step_*") if (p / MANIFEST).is_file()),
             key=lambda p: (p / MANIFEST).stat().st_mtime_ns,
         )
+        best = self.best()
         for old in complete[: -self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def best(self) -> Path | None:
+        """The complete checkpoint with the best `best_monitor` value (the newest of equals), or
+        None when no best is kept or none has the value."""
+        key, scored = self.cfg.best_monitor, []
+        for folder in sorted(self.root.glob("step_*")):
+            try:
+                value = json.loads((folder / MANIFEST).read_text()).get("monitor", {}).get(key)
+            except (OSError, ValueError):
+                continue  # incomplete or damaged: never the best
+            if value is not None and math.isfinite(value):
+                scored.append((value if self.cfg.best_mode == "max" else -value, folder))
+        return max(scored)[1] if scored else None
 
     # ------------------------------------------------------------------ resume
     def maybe_resume(self, trainer: Trainer) -> None:
@@ -217,6 +238,7 @@ def load(folder: Path, trainer: Trainer) -> None:
     except (Exception, dcp.api.CheckpointException) as err:  # DCP's is a BaseException
         raise CheckpointError(f"{folder}: does not fit this model/optimizer ({err})") from None
     saved = torch.load(folder / TRAINER_STATE, weights_only=True)
+    _check_data_position(folder, saved, trainer)
     trainer.state.load_state_dict(saved["state"])
     trainer.scaler.load_state_dict(saved["scaler"])
     for key, callback in _keyed(trainer.callbacks).items():
@@ -234,8 +256,27 @@ def _keyed(callbacks: list) -> dict[str, Any]:
     return {f"{i}:{type(cb).__name__}": cb for i, cb in enumerate(callbacks)}
 
 
+def _global_batch(trainer: Trainer) -> int:
+    return trainer.train_loader.batch_size * trainer.env.dp_size
+
+
+def _check_data_position(folder: Path, saved: dict[str, Any], trainer: Trainer) -> None:
+    """Mid-epoch, the data position is a count of batches per rank: it points at the same
+    samples on another world size only if the global batch (per-rank batch x data-parallel
+    ranks) is unchanged. Refuse rather than replay or skip samples silently."""
+    was, now = saved.get("global_batch"), _global_batch(trainer)
+    if saved["state"]["batches_in_epoch"] and was is not None and was != now:
+        raise CheckpointError(
+            f"{folder}: saved in the middle of an epoch with a global batch of {was} samples "
+            f"(data.batch_size x data-parallel ranks), but this run's is {now}; resume with a "
+            f"data.batch_size that makes it {was} again, or from a checkpoint saved at an "
+            "epoch's end"
+        )
+
+
 def _trainer_state(trainer: Trainer) -> dict[str, Any]:
     return {
+        "global_batch": _global_batch(trainer),
         "state": trainer.state.state_dict(),
         "scaler": trainer.scaler.state_dict(),
         "callbacks": {k: cb.state_dict() for k, cb in _keyed(trainer.callbacks).items()},

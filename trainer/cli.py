@@ -35,7 +35,7 @@ from trainer.distributed.launch import launch
 from trainer.throughput import throughput_summary
 
 log = logging.getLogger("hooktrain")
-STARTED = time.time()
+STARTED = trainer.STARTED
 
 
 def recipes_dir() -> Path:
@@ -103,6 +103,8 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
                 "stop_reason": state.stop_reason or "budget reached",
                 "run_dir": str(run_dir),
             }
+            if typed.checkpoint.best_monitor and (best := fit_trainer.checkpointer.best()):
+                summary["best_checkpoint"] = str(best)
             numbers = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
             fit_trainer.logger.log_metrics(numbers, state.step)
         finally:

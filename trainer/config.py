@@ -102,6 +102,11 @@ class ParallelConfig:
 
     def degrees(self, world_size: int) -> tuple[int, int]:
         """(data-parallel, tensor-parallel) degrees; they must multiply to the world size."""
+        _require(
+            self.strategy != "none" or world_size == 1,
+            "parallel.strategy",
+            f"none runs one process, but {world_size} were started; use ddp, fsdp, tp or fsdp_tp",
+        )
         if self.strategy in ("none", "ddp", "fsdp"):
             _require(
                 self.tp_degree in (0, 1),
@@ -127,7 +132,11 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end of fit
+    # The newest K complete checkpoints are kept (at least 2: one to fall back on if the newest
+    # turns out damaged), plus the best by `best_monitor` when that is set.
     keep_last: int = 2
+    best_monitor: str | None = None  # a state.metrics key, e.g. val/accuracy; null: no best kept
+    best_mode: str = "max"  # max | min: which value of best_monitor is best
     save_final: bool = True
     # Write in a background thread while training goes on (torch.distributed.checkpoint's
     # async_save); the checkpoint is committed at the next save or at the end of fit.
@@ -139,7 +148,16 @@ class CheckpointConfig:
             "checkpoint.every_steps",
             f"must be >= 0, got {self.every_steps}",
         )
-        _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        _require(
+            self.keep_last >= 2,
+            "checkpoint.keep_last",
+            f"must be >= 2 (the previous checkpoint is the fallback for a damaged one), got {self.keep_last}",
+        )
+        _require(
+            self.best_mode in ("max", "min"),
+            "checkpoint.best_mode",
+            f"must be max or min; got {self.best_mode!r}",
+        )
 
 
 @dataclass
@@ -281,7 +299,30 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> TrainConfig:
             if node is not None:
                 _require(isinstance(node, Mapping), f"{group}.{name}", "must be a mapping or null")
                 check_target(node, f"{group}.{name}", allowed, injected=injected)
+    _check_callback_order(typed.callbacks, allowed)
     return typed
+
+
+def _check_callback_order(callbacks: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    """Callbacks run in config order, and at the end of a fit that order matters once: restoring
+    the best weights after pruning would bring the pruned weights back. Refuse that order."""
+    from trainer.callbacks.early_stopping import EarlyStopping
+    from trainer.callbacks.pruning import Pruning
+
+    pruning = None
+    for name, node in callbacks.items():
+        if node is None:
+            continue
+        target = resolve_target(node["_target_"], f"callbacks.{name}", allowed)
+        if inspect.isclass(target) and issubclass(target, Pruning):
+            pruning = pruning or name
+        elif inspect.isclass(target) and issubclass(target, EarlyStopping):
+            _require(
+                pruning is None or not node.get("restore_best_weights", False),
+                f"callbacks.{name}",
+                f"restores the best weights at the end of the fit, so it must come before "
+                f"callbacks.{pruning} (it would undo the pruning); list it first",
+            )
 
 
 def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> None:

@@ -362,6 +362,8 @@ def test_exception_on_one_rank_ends_torchrun_job_promptly(tmp_path, record_fault
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"{message} (rank 1, step 3)" in output
+    # torchrun's own failure report names the rank that failed first (not the test's message).
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", output), output[-3000:]
     assert seconds < 60, f"the job took {seconds:.1f}s to end"
     record_fault(
         "exception on one rank (torchrun)",
@@ -627,13 +629,27 @@ def test_bad_input_exit_codes_and_messages(tmp_path, reference_run, record_fault
     assert wider.returncode == 3, wider.stderr[-3000:]
     (line,) = [x for x in wider.stderr.splitlines() if x.startswith("hooktrain: checkpoint error")]
     assert str(folder) in line and "does not fit" in line
+
+    # Step 16 is mid-epoch (25 steps per epoch): another global batch would move the position.
+    bigger = run_cli(
+        [*tiny(data__batch_size="32"), f"resume={folder}", f"hydra.run.dir={tmp_path / 'd'}"],
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert bigger.returncode == 3, bigger.stderr[-3000:]
+    (moved,) = [
+        x for x in bigger.stderr.splitlines() if x.startswith("hooktrain: checkpoint error")
+    ]
+    assert str(folder) in moved and "global batch of 16 samples" in moved and "is 32" in moved
     record_fault(
         "bad input on the command line",
         "`resume=/nonexistent`; `+callbacks.evil._target_=os.system`; resuming a "
-        "model.hidden=[32] checkpoint with model.hidden=[64]",
+        "model.hidden=[32] checkpoint with model.hidden=[64]; resuming a mid-epoch checkpoint "
+        "with data.batch_size=32 instead of 16",
         "exit 2 with a `config error: resume: ...` line; exit 2 naming "
         "`callbacks.evil._target_` (nothing started); exit 3 with a `checkpoint error:` line "
-        "naming the checkpoint folder",
+        "naming the checkpoint folder; exit 3 with one line: "
+        f"{moved.removeprefix('hooktrain: ').replace(str(folder.parent.parent.parent), '<tmp>')!r}",
     )
 
 
@@ -644,10 +660,13 @@ def test_bad_input_exit_codes_and_messages(tmp_path, reference_run, record_fault
 @pytest.mark.timeout(300)
 def test_logger_outage_warns_and_training_goes_on(tmp_path, record_fault):
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "tensorboard").write_text("a file where TensorBoard wants its folder")
     proc = run_cli(
         [
             *tiny(logger="none"),
             "+logger.broken._target_=tests.faults.BrokenLogger",  # first: it fails first
+            "+logger.tensorboard._target_=trainer.loggers.tensorboard.TensorBoardLogger",
             "+logger.jsonl._target_=trainer.loggers.jsonl.JsonlLogger",
             f"hydra.run.dir={out}",
         ],
@@ -658,13 +677,16 @@ def test_logger_outage_warns_and_training_goes_on(tmp_path, record_fault):
     warned = [x for x in proc.stderr.splitlines() if "logger BrokenLogger failed" in x]
     assert len(warned) == 1 and "OSError" in warned[0], proc.stderr[-3000:]
     assert "RuntimeWarning" in warned[0]
+    (no_start,) = [x for x in proc.stderr.splitlines() if "logger.tensorboard could not" in x]
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, MAX_STEPS + 1))
     assert any("test/accuracy" in r for r in rows)
     assert json.loads((out / "summary.json").read_text())["steps"] == MAX_STEPS
     record_fault(
         "logging backend down",
-        "logger `BrokenLogger` (raises `OSError` in `log_metrics`) configured before jsonl",
-        f"exit 0; one stderr line: {warned[0].split('RuntimeWarning: ')[-1]!r}; "
+        "logger `BrokenLogger` (raises `OSError` in `log_metrics`) and the real TensorBoard "
+        "logger with a file where its folder goes, both configured before jsonl",
+        f"exit 0; one stderr line each: {warned[0].split('RuntimeWarning: ')[-1]!r} and "
+        f"{no_start.split('RuntimeWarning: ')[-1].replace(str(tmp_path), '<tmp>')!r}; "
         f"metrics.jsonl has all {MAX_STEPS} train steps and the test metrics",
     )

@@ -151,6 +151,73 @@ def test_strategy_matches_one_process(strategy, world, tp_degree, reference, tmp
     )
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"_target_": "trainer.models.CNN", "channels": [4, 8], "hidden": 16},
+        {"_target_": "trainer.models.GRUClassifier", "hidden": 16},
+    ],
+    ids=["cnn", "gru"],
+)
+def test_tensor_parallel_plans_of_the_other_models_match_one_process(model, tmp_path):
+    tp, single = make_config("tp", 2), make_config("none", 1)
+    tp.model = single.model = model
+    tp.max_epochs = single.max_epochs = 1
+    rank0 = launch(_train_worker, 2, tp, str(tmp_path / "tp"))[0]
+    assert_same_weights(rank0["weights"], one_process(single, tmp_path / "single")["weights"])
+
+
+def _counting_worker(cfg: TrainConfig, run_dir: str) -> dict:
+    """Trains like `_train_worker`, counting the gradient reductions that DDP (through a comm
+    hook) or FSDP2 (through its reduce-scatter) start."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls = []
+    with distributed("cpu", cfg.parallel.backend, cfg.parallel.timeout_s) as env:
+        trainer, _ = build_trainer(cfg, env, Path(run_dir))
+        if cfg.parallel.strategy == "ddp":
+
+            def counted_allreduce(process_group, bucket):
+                calls.append(bucket.index())
+                return allreduce_hook(process_group, bucket)
+
+            trainer.model.register_comm_hook(None, counted_allreduce)
+            trainer.fit()
+        else:
+            reduce_scatter = torch.distributed.reduce_scatter_single
+
+            def counted_reduce_scatter(*args, **kwargs):
+                calls.append(0)
+                return reduce_scatter(*args, **kwargs)
+
+            torch.distributed.reduce_scatter_single = counted_reduce_scatter
+            try:
+                trainer.fit()
+            finally:
+                torch.distributed.reduce_scatter_single = reduce_scatter
+        weights = get_model_state_dict(
+            trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return {"reductions": len(calls), "steps": trainer.state.step, "weights": weights}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_accumulation_reduces_gradients_once_per_step(strategy, reference, tmp_path):
+    """grad_accum_steps=2 on 2 ranks: the same weights as one process with the whole global
+    batch, and exactly as many gradient reductions as without accumulation (the first
+    micro-batch of each step is not reduced)."""
+    plain = make_config(strategy, 2)
+    accumulated = make_config(strategy, 2)
+    accumulated.grad_accum_steps = 2
+    accumulated.data.batch_size = plain.data.batch_size // 2
+    once = launch(_counting_worker, 2, plain, str(tmp_path / "plain"))[0]
+    twice = launch(_counting_worker, 2, accumulated, str(tmp_path / "accumulated"))[0]
+    assert twice["steps"] == once["steps"] == EPOCHS * 11
+    assert once["reductions"] >= once["steps"]  # the counter sees the reductions at all
+    assert twice["reductions"] == once["reductions"]
+    assert_same_weights(twice["weights"], reference)
+
+
 def test_forgetting_set_epoch_is_caught(reference, tmp_path, monkeypatch):
     """The parity comparison above fails when the sampler keeps epoch 0's order."""
     monkeypatch.setattr(ResumableSampler, "set_epoch", lambda self, epoch: None)

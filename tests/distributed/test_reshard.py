@@ -14,6 +14,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from trainer.build import build_trainer
+from trainer.checkpoint import CheckpointError
 from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
 from trainer.distributed.env import DistEnv, distributed
 from trainer.distributed.launch import launch
@@ -71,6 +72,11 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_under_ddp(tmp_path):
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     single, _ = build_trainer(config("none", 32, 12, str(saved)), env, tmp_path / "single")
     assert single.fit().step == 12
+    # A different global batch would point the saved mid-epoch position at other samples.
+    halved, _ = build_trainer(config("none", 16, 12, str(saved)), env, tmp_path / "halved")
+    with pytest.raises(CheckpointError, match=r"step_00000006: saved in the middle of an epoch "
+                       r"with a global batch of 32 samples .* but this run's is 16"):  # fmt: skip
+        halved.fit()
     # ... and so does DDP over 2 ranks.
     ddp = launch(_worker, 2, config("ddp", 16, 12, str(saved)), str(tmp_path / "ddp"))[0]
     for name, value in straight.items():

