@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     median,
     plain_spec,
+    pooled,
     wait_for_quiet,
 )
 from trainer.distributed.env import distributed  # noqa: E402
@@ -51,21 +52,24 @@ from trainer.distributed.launch import launch  # noqa: E402
 NPROC = 2
 
 
-def _rank(cfgs: dict, rounds: int, steps: int) -> dict:
-    """One rank: each model's plain and hooktrain segments, interleaved on one process group."""
+def _rank(cfgs: dict, blocks: int, rounds: int, steps: int) -> dict:
+    """One rank: each model's plain and hooktrain segments, interleaved on one process group, in
+    `blocks` blocks with both loops built afresh."""
     from trainer.build import build_trainer
 
     torch.set_num_threads(1)
     with distributed("cpu", "gloo", 300) as env:
         out = {}
         for model, cfg in cfgs.items():
-            with tempfile.TemporaryDirectory() as run_dir:  # rank 0 writes the logs
-                trainer, _ = build_trainer(cfg, env, Path(run_dir))
-                plain = PlainLoop(plain_spec(cfg), ddp=True)
-                gc.collect()
-                batch = cfg.data.batch_size * env.world_size
-                out[model] = interleave(plain, trainer, rounds, steps, batch)
-                trainer.logger.finish()
+            out[model] = []
+            for _ in range(blocks):
+                with tempfile.TemporaryDirectory() as run_dir:  # rank 0 writes the logs
+                    trainer, _ = build_trainer(cfg, env, Path(run_dir))
+                    plain = PlainLoop(plain_spec(cfg), ddp=True)
+                    gc.collect()
+                    batch = cfg.data.batch_size * env.world_size
+                    out[model].append(interleave(plain, trainer, rounds, steps, batch))
+                    trainer.logger.finish()
     return out
 
 
@@ -92,7 +96,7 @@ def scaling(cfgs: dict, ddp: dict, rounds: int, steps: int) -> str:
             for threads, runs in one.items():
                 runs.append(_one_process(spec, threads, steps))
         cells = [median(one[1]), median(one[2])]
-        cells += [median(ddp[model]["plain"]), median(ddp[model]["hooktrain"])]
+        cells += [median(pooled(ddp[model], "plain")), median(pooled(ddp[model], "hooktrain"))]
         speedup = cells[2] / max(cells[:2])
         rows.append([model, spec["batch_size"], *(f"{x:.0f}" for x in cells), f"{speedup:.2f}x"])
     headers = [
@@ -111,7 +115,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
     parser.add_argument("--models", nargs="+", choices=list(BATCH), default=list(BATCH))
-    parser.add_argument("--rounds", type=int, default=10, help="segments of each loop, timed")
+    parser.add_argument("--blocks", type=int, default=5, help="fresh pairs of loops per model")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="timed segments of each loop per block"
+    )
     parser.add_argument("--steps", type=int, default=40, help="steps per segment")
     parser.add_argument(
         "--wait-load",
@@ -121,7 +128,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.models, args.rounds, args.steps = args.models[:1], 1, 5
+        args.models, args.blocks, args.rounds, args.steps = args.models[:1], 1, 1, 5
     if args.wait_load:
         wait_for_quiet(args.wait_load)
     os.environ.update(BENCH_ENV)
@@ -131,9 +138,15 @@ def main() -> None:
     cfgs = {
         m: hooktrain_config(m, total, "parallel=ddp", "parallel.backend=gloo") for m in args.models
     }
-    ddp = launch(_rank, NPROC, cfgs, args.rounds, args.steps)[0]
-    rows = [[m, NPROC * cfg.data.batch_size, *comparison(ddp[m])] for m, cfg in cfgs.items()]
-    print(f"DDP: segments of {args.steps} steps, {args.rounds} rounds, the same 2 processes:\n")
+    ddp = launch(_rank, NPROC, cfgs, args.blocks, args.rounds, args.steps)[0]
+    rows = [
+        [m, NPROC * cfg.data.batch_size, *comparison(ddp[m], cfg.log_every_steps)]
+        for m, cfg in cfgs.items()
+    ]
+    print(
+        f"DDP: {args.blocks} blocks of {args.rounds} rounds of {args.steps}-step segments, the "
+        "same 2 processes:\n"
+    )
     print(markdown_table(["model", "global batch", *COMPARISON], rows))
     print("\nScaling, samples/s (one process: the plain loop in this process; medians):\n")
     print(scaling(cfgs, ddp, min(args.rounds, 3), args.steps))

@@ -47,11 +47,12 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     median,
     plain_spec,
+    pooled,
     wait_for_quiet,
 )
 
 
-def throughput(models: list[str], rounds: int, steps: int) -> str:
+def throughput(models: list[str], blocks: int, rounds: int, steps: int) -> str:
     from trainer.build import build_trainer
     from trainer.distributed.env import DistEnv
 
@@ -60,15 +61,17 @@ def throughput(models: list[str], rounds: int, steps: int) -> str:
     for model in models:
         cfg = hooktrain_config(model, steps * (rounds + 1))
         batch = cfg.data.batch_size
-        with tempfile.TemporaryDirectory() as run_dir:
-            trainer, _ = build_trainer(cfg, env, Path(run_dir))
-            plain = PlainLoop(plain_spec(cfg))
-            gc.collect()
-            results = interleave(plain, trainer, rounds, steps, batch)
-            trainer.logger.finish()
-        step_ms = 1000 * batch / median(results["plain"])
-        rows.append([model, batch, f"{step_ms:.1f}", *comparison(results)])
-        runs = {k: [round(sps) for sps in v] for k, v in results.items()}
+        results = []
+        for _ in range(blocks):  # both loops built afresh for every block
+            with tempfile.TemporaryDirectory() as run_dir:
+                trainer, _ = build_trainer(cfg, env, Path(run_dir))
+                plain = PlainLoop(plain_spec(cfg))
+                gc.collect()
+                results.append(interleave(plain, trainer, rounds, steps, batch))
+                trainer.logger.finish()
+        step_ms = 1000 * batch / median(pooled(results, "plain"))
+        rows.append([model, batch, f"{step_ms:.1f}", *comparison(results, cfg.log_every_steps)])
+        runs = {k: [round(sps) for sps in pooled(results, k)] for k in ("plain", "hooktrain")}
         print(f"  {model} samples/s per segment: {runs}", file=sys.stderr)
     return markdown_table(["model", "batch", "plain step (ms)", *COMPARISON], rows)
 
@@ -140,7 +143,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
     parser.add_argument("--models", nargs="+", choices=list(BATCH), default=list(BATCH))
-    parser.add_argument("--rounds", type=int, default=20, help="segments of each loop, timed")
+    parser.add_argument("--blocks", type=int, default=6, help="fresh pairs of loops per model")
+    parser.add_argument(
+        "--rounds", type=int, default=8, help="timed segments of each loop per block"
+    )
     parser.add_argument("--steps", type=int, default=40, help="steps per segment")
     parser.add_argument(
         "--wait-load",
@@ -150,15 +156,18 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.steps = 1, 5
+        args.blocks, args.rounds, args.steps = 1, 1, 5
     if args.wait_load:
         wait_for_quiet(args.wait_load)
     os.environ.update(BENCH_ENV)
     torch.set_num_threads(1)
 
     print(f"Machine: {machine()}; 1 intra-op thread.\n")
-    print(f"Throughput: segments of {args.steps} steps, {args.rounds} rounds, same process:\n")
-    print(throughput(args.models, args.rounds, args.steps))
+    print(
+        f"Throughput: {args.blocks} blocks of {args.rounds} rounds of {args.steps}-step segments, "
+        "same process:\n"
+    )
+    print(throughput(args.models, args.blocks, args.rounds, args.steps))
     fresh, steps = (args.models[:1], 5) if args.quick else (args.models, 20)
     print(f"\nFresh processes ({steps} steps each):\n")
     print(fresh_processes(fresh, steps))

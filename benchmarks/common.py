@@ -9,6 +9,7 @@ Hydra and the trainer's builder are imported inside the functions that need them
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -173,13 +174,17 @@ class StepClock(Callback):
 
 def interleave(
     plain: PlainLoop, trainer: Any, rounds: int, steps: int, batch: int
-) -> dict[str, list[float]]:
+) -> dict[str, Any]:
     """Alternate `steps`-step segments of the plain loop and of hooktrain, `rounds` of each after
-    one warm-up round, in the order plain, hooktrain, hooktrain, plain, plain, ...; each segment's
-    samples/s from the end of its first step to the end of its last. hooktrain's segments are
-    `fit()` calls on one trainer whose `state.max_steps` is raised by `steps` each time: like a
-    resumed run, each starts and stops the callbacks (the progress bar), the data order runs on,
-    the loggers stay open. `batch` is the global batch."""
+    one warm-up round, in the order plain, hooktrain, hooktrain, plain, plain, ...
+
+    hooktrain's segments are `fit()` calls on one trainer whose `state.max_steps` is raised by
+    `steps` each time: like a resumed run, each starts and stops the callbacks (the progress bar),
+    the data order runs on, the loggers stay open. `batch` is the global batch.
+
+    Returns, per loop, each segment's samples/s (from the end of its first step to the end of its
+    last) under "plain" / "hooktrain", and each segment's step durations (s; the 2nd step to the
+    last) under "plain_steps" / "hooktrain_steps", for `per_position_ratio`."""
     clock = StepClock()
     trainer.callbacks.append(clock)
     trainer.state.max_steps = trainer.state.step
@@ -197,38 +202,74 @@ def interleave(
         return clock.ends[-steps:]
 
     segments = {"plain": plain_segment, "hooktrain": hooktrain_segment}
-    results: dict[str, list[float]] = {"plain": [], "hooktrain": []}
+    results: dict[str, Any] = {
+        "plain": [],
+        "hooktrain": [],
+        "plain_steps": [],
+        "hooktrain_steps": [],
+    }
     for round_ in range(rounds + 1):
         for name in ("plain", "hooktrain") if round_ % 2 == 0 else ("hooktrain", "plain"):
             ends = segments[name]()
             if round_ > 0:
                 results[name].append((steps - 1) * batch / (ends[-1] - ends[0]))
+                results[f"{name}_steps"].append([b - a for a, b in itertools.pairwise(ends)])
     trainer.callbacks.remove(clock)
     return results
+
+
+def per_position_ratio(results: dict[str, Any], cycle: int) -> float:
+    """hooktrain/plain throughput from the median duration of each step position in the logging
+    cycle (step k of the segment, k mod `cycle`; segments are whole cycles long).
+
+    On a shared VM a step's time has a long right tail (median 8 ms, p99 30 ms, max 150 ms for
+    the plain MLP step here): means and per-segment figures are dominated by a few stalls. The
+    median of each position is robust to them and still charges the loop's periodic work (log
+    steps are one position in `cycle`) to hooktrain; the cycle's time is the sum of those
+    medians."""
+
+    def cycle_seconds(segments: list[list[float]]) -> float:
+        by_position: dict[int, list[float]] = {}
+        for durations in segments:
+            for step, seconds in enumerate(durations, start=2):  # the 2nd step of the segment on
+                by_position.setdefault(step % cycle, []).append(seconds)
+        return sum(median(v) for v in by_position.values())
+
+    return cycle_seconds(results["plain_steps"]) / cycle_seconds(results["hooktrain_steps"])
 
 
 COMPARISON = [
     "plain samples/s",
     "hooktrain samples/s",
     "hooktrain/plain",
-    "middle half",
-    "best/best",
+    "range over blocks",
+    "median of round ratios",
 ]
 
 
-def comparison(results: dict[str, list[float]]) -> list[str]:
-    """Table cells (COMPARISON): median samples/s of each loop; the median of the per-round ratios
-    hooktrain/plain (adjacent segments share the machine's load) and their interquartile range;
-    the ratio of each loop's best segment (the least disturbed by other processes)."""
-    plain, hook = results["plain"], results["hooktrain"]
-    ratios = [h / p for p, h in zip(plain, hook, strict=True)]
-    low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+def pooled(blocks: list[dict[str, Any]], loop: str) -> list[float]:
+    """Every segment's samples/s of `loop` ("plain" or "hooktrain") over all blocks."""
+    return [sps for block in blocks for sps in block[loop]]
+
+
+def comparison(blocks: list[dict[str, Any]], cycle: int) -> list[str]:
+    """Table cells (COMPARISON) from `interleave` results of several blocks, each with freshly
+    built loops: median samples/s of each loop over all segments; the headline, the median over
+    blocks of `per_position_ratio`, and its range; the median of all per-round ratios.
+
+    Fresh loops per block because where a model's tensors land in memory moves its speed: two
+    identical plain loops, interleaved in one process, differ by up to 10% on this VM, and by a
+    few % once rebuilt. The median over blocks averages that placement out."""
+    ratios = [per_position_ratio(block, cycle) for block in blocks]
+    rounds = [
+        h / p for block in blocks for p, h in zip(block["plain"], block["hooktrain"], strict=True)
+    ]
     return [
-        f"{median(plain):.0f}",
-        f"{median(hook):.0f}",
+        f"{median(pooled(blocks, 'plain')):.0f}",
+        f"{median(pooled(blocks, 'hooktrain')):.0f}",
         f"**{median(ratios):.3f}x**",
-        f"{low:.2f}-{high:.2f}",
-        f"{max(hook) / max(plain):.3f}x",
+        f"{min(ratios):.2f}-{max(ratios):.2f}",
+        f"{median(rounds):.3f}x",
     ]
 
 

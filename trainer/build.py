@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from torch.utils.data import default_collate
 
 from trainer.callbacks.base import Callback
 from trainer.checkpoint import Checkpointer
-from trainer.config import ConfigError, TrainConfig, build
+from trainer.config import TrainConfig, build
 from trainer.data.datasets import DataSplits
 from trainer.data.loaders import eval_loader, train_loader
 from trainer.distributed.env import DistEnv
@@ -58,23 +58,16 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path) -> list[Callback]:
 def build_loggers(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Logger:
     if not env.is_global_zero:
         return Logger()  # only rank zero writes logs
-    loggers = []
-    for name, node in cfg.logger.items():
-        if node is None:
-            continue
-        try:
-            loggers.append(
-                build(node, f"logger.{name}", cfg.allowed_targets, save_dir=str(run_dir))
+    # Started in the group's background thread, so that training does not wait for them.
+    return LoggerGroup(
+        {
+            f"logger.{name}": partial(
+                build, node, f"logger.{name}", cfg.allowed_targets, save_dir=str(run_dir)
             )
-        except ConfigError:
-            raise
-        except Exception as err:  # a logging backend that cannot start must not stop training
-            warnings.warn(
-                f"logger.{name} could not start ({err!r}); the run goes on without it",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return LoggerGroup(loggers)
+            for name, node in cfg.logger.items()
+            if node is not None
+        }
+    )
 
 
 def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Trainer, dict[str, int]]:

@@ -10,7 +10,11 @@ Layout of `<run dir>/checkpoints/step_00000120/`::
 
 A save goes to `step_N.partial/`; rank 0 writes the manifest once every rank has finished, then
 renames the folder to `step_N`, so a folder without `.partial` is complete by construction and a
-crash mid-save leaves the previous checkpoint untouched. Old checkpoints are deleted only after
+crash mid-save leaves the previous checkpoint untouched. The folder is the temporary: every file
+in it is fsynced (DCP's shards by DCP, ours by `_write_atomic`, which also writes through a
+temporary name), then the folder itself, then the rename is fsynced in its parent. The loaders'
+generators need no saving: they are reseeded from (seed, epoch), and the data position is the
+epoch and the batches consumed in it. Old checkpoints are deleted only after
 the new one is committed. Everything is loaded with `weights_only=True`: DCP's own `.metadata` is a
 pickle, so load checkpoints only from folders you trust (your run folder, or a path you name).
 """
@@ -126,6 +130,7 @@ class Checkpointer:
                     "files": {p.name: _sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
                 }
                 _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+                _fsync_dir(partial)  # the folder's entries are on disk before it is renamed
                 if final.exists():
                     shutil.rmtree(final)
                 partial.rename(final)

@@ -35,9 +35,10 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # the checkout, for tests.faults / tests.helpers
 
+import trainer.checkpoint as checkpoint_module  # noqa: E402
 from tests.faults import WeightWatch, read_jsonl, snapshot  # noqa: E402
 from tests.helpers import ADAMW, make_config, make_trainer  # noqa: E402
-from trainer.checkpoint import MANIFEST, TRAINER_STATE, verify  # noqa: E402
+from trainer.checkpoint import MANIFEST, TRAINER_STATE, CheckpointError, verify  # noqa: E402
 from trainer.cli import _launched_job  # noqa: E402
 from trainer.config import ParallelConfig  # noqa: E402
 from trainer.distributed.env import distributed  # noqa: E402
@@ -446,7 +447,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage, reco
     )
 
 
-def _damaged_two_rank_worker(run_dir: str) -> dict[str, Any]:
+def _damaged_two_rank_worker(run_dir: str, only_rank_one_sees_it: bool) -> dict[str, Any]:
     cfg = make_config(
         parallel=ParallelConfig(strategy="ddp", backend="gloo", timeout_s=60),
         checkpoint={"every_steps": EVERY, "keep_last": 3},
@@ -460,7 +461,20 @@ def _damaged_two_rank_worker(run_dir: str) -> dict[str, Any]:
         uninterrupted = snapshot(first.model)
         dist.barrier()
         culprit = None
-        if env.rank == 0:  # rank 1's shard of the newest checkpoint, cut in half
+        if only_rank_one_sees_it:
+            # Rank 1 alone finds step 12 damaged (as a rank on a node with a bad disk cache
+            # would); rank 0 would take it. Both must still resume from the same step.
+            culprit = str(step_dir(Path(run_dir), 12) / MANIFEST)
+            if env.rank == 1:
+                real_verify = checkpoint_module.verify
+
+                def flaky_verify(folder: Path) -> dict[str, Any]:
+                    if folder.name == "step_00000012":
+                        raise CheckpointError(f"{culprit}: checksum mismatch (simulated)")
+                    return real_verify(folder)
+
+                checkpoint_module.verify = flaky_verify
+        elif env.rank == 0:  # rank 1's shard of the newest checkpoint, cut in half
             culprit = str(truncate_distcp(step_dir(Path(run_dir), 12)))
         dist.barrier()
         cfg.resume = "auto"
@@ -482,17 +496,30 @@ def _damaged_two_rank_worker(run_dir: str) -> dict[str, Any]:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-def test_damaged_checkpoint_two_ranks_fall_back_to_the_same_step(tmp_path, record_fault):
-    results = launch(_damaged_two_rank_worker, 2, str(tmp_path))
-    culprit = results[0]["culprit"]
-    assert culprit.endswith(".distcp")
+@pytest.mark.parametrize("only_rank_one_sees_it", [False, True], ids=["shared", "rank1_only"])
+def test_damaged_checkpoint_two_ranks_fall_back_to_the_same_step(
+    tmp_path, record_fault, only_rank_one_sees_it
+):
+    results = launch(_damaged_two_rank_worker, 2, str(tmp_path), only_rank_one_sees_it)
+    culprit = results[0]["culprit"] or results[1]["culprit"]  # set by the rank that damaged
+    assert culprit.endswith(MANIFEST if only_rank_one_sees_it else ".distcp")
     for rank in (0, 1):
         got = results[rank]
-        assert any(culprit in w and "checksum mismatch" in w for w in got["warnings"]), rank
+        warned = any(culprit in w and "checksum mismatch" in w for w in got["warnings"])
+        assert warned == (rank == 1 or not only_rank_one_sees_it), rank
         assert (got["start_step"], got["end_step"]) == (8, 12), rank
         for name, value in got["uninterrupted"].items():
             assert torch.equal(got["resumed"][name], value), (rank, name)
             assert torch.equal(results[0]["resumed"][name], got["resumed"][name]), name
+    if only_rank_one_sees_it:
+        record_fault(
+            "newest checkpoint unreadable on one rank only, 2 ranks",
+            "rank 1's checksum check of step_00000012 fails, rank 0's passes (DDP over gloo, 2 "
+            "ranks via `launch`), then `resume=auto` on both ranks",
+            "rank 1 warned naming the file; both ranks agreed on the older step 8, reached step "
+            "12 with weights bit-identical across ranks and to the uninterrupted run",
+        )
+        return
     record_fault(
         "damaged newest checkpoint, 2 ranks",
         f"truncated `{Path(culprit).name}` of step_00000012 (DDP over gloo, 2 ranks via "

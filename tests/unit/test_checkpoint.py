@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -227,6 +229,31 @@ def test_newest_valid_none_when_nothing_saved(tmp_path):
     trainer.callbacks.append(first)
     trainer.fit()  # a fresh start
     assert first.first == 0
+
+
+def test_every_file_and_the_folder_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    fsync, rename = os.fsync, Path.rename
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_rename(self: Path, target: Any) -> Path:
+        events.append(("rename", f"{self} -> {target}"))
+        return rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(Path, "rename", recording_rename)
+    folder = _save_at(tmp_path, steps=2, every=2) / "step_00000002"
+    partial = f"{folder}.partial"
+    (commit,) = [i for i, e in enumerate(events) if e == ("rename", f"{partial} -> {folder}")]
+    synced_before = {path for kind, path in events[:commit] if kind == "fsync"}
+    for name in sorted(p.name for p in folder.iterdir()):  # synced as itself, or as the
+        # temporary file it was renamed from (DCP's .metadata, our own files)
+        assert {f"{partial}/{name}", f"{partial}/{name}.tmp"} & synced_before, name
+    assert partial in synced_before  # the folder's entries
+    assert ("fsync", str(folder.parent)) in events[commit:]  # the rename itself
 
 
 @pytest.mark.parametrize("keep_last", [2, 3])

@@ -40,7 +40,7 @@ class Failing(Logger):
 
 
 def test_flush_makes_every_metric_sent_so_far_visible_in_order(tmp_path):
-    group = LoggerGroup([JsonlLogger(str(tmp_path))])
+    group = LoggerGroup({"jsonl": lambda: JsonlLogger(str(tmp_path))})
     for step in range(1, 201):
         group.log_metrics({"train/loss": 1.0 / step}, step)
     group.flush()
@@ -49,7 +49,7 @@ def test_flush_makes_every_metric_sent_so_far_visible_in_order(tmp_path):
 
 
 def test_the_caller_may_reuse_its_dict_after_sending_it(tmp_path):
-    group = LoggerGroup([JsonlLogger(str(tmp_path))])
+    group = LoggerGroup({"jsonl": lambda: JsonlLogger(str(tmp_path))})
     metrics = {"lr": 0.1}
     group.log_metrics(metrics, 1)
     metrics.clear()  # the loop clears state.unlogged right after each flush
@@ -61,7 +61,7 @@ def test_the_caller_may_reuse_its_dict_after_sending_it(tmp_path):
 
 def test_a_failing_logger_warns_once_and_the_others_go_on(tmp_path):
     failing = Failing()
-    group = LoggerGroup([failing, JsonlLogger(str(tmp_path))])
+    group = LoggerGroup({"failing": lambda: failing, "jsonl": lambda: JsonlLogger(str(tmp_path))})
     with pytest.warns(RuntimeWarning, match=r"logger Failing failed in log_metrics .*OSError"):
         for step in (1, 2, 3):
             group.log_metrics({"x": float(step)}, step)
@@ -76,8 +76,22 @@ def test_a_real_logger_that_cannot_start_is_left_out_with_a_warning(tmp_path):
     cfg = make_config(logger={"tensorboard": TENSORBOARD, "jsonl": JSONL})
     with pytest.warns(RuntimeWarning, match=r"logger.tensorboard could not start .*goes on"):
         group = build_loggers(cfg, ENV, tmp_path)
+        group.log_metrics({"x": 1.0}, 1)
+        group.flush()  # the loggers start in the background, ahead of anything sent to them
     assert [type(logger) for logger in group.loggers] == [JsonlLogger]
+    assert rows(tmp_path / "metrics.jsonl") == [{"step": 1, "x": 1.0}]
     group.finish()
+
+
+def test_wandb_starts_in_the_background_thread_and_logs_offline(tmp_path):
+    wandb = {"_target_": "trainer.loggers.wandb.WandbLogger"}
+    group = build_loggers(make_config(logger={"wandb": wandb}), ENV, tmp_path)
+    group.log_metrics({"train/loss": 0.5}, 3)
+    group.flush()
+    assert len(group.loggers) == 1  # started: no warning, not dropped
+    group.finish()
+    (records,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"train/loss" in records.read_bytes()  # the history record, written offline
 
 
 def test_fit_returns_with_tensorboard_and_jsonl_written(tmp_path):

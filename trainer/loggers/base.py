@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,17 +19,32 @@ class Logger:
 
 
 class LoggerGroup(Logger):
-    """Calls every logger, in order, from one background thread; one that raises is warned about
-    once and dropped, and training goes on.
+    """Starts and calls every logger, in order, from one background thread; one that cannot start
+    or later raises is warned about once and left out, and training goes on.
 
-    Writing is slow next to a small training step (wandb's `run.log` alone takes about 1 ms), and
-    the step does not need to wait for it: torch releases the GIL inside its kernels, so the
-    writes overlap the next steps. `flush()` waits for what was sent; `finish()` flushes first.
+    Starting is slow (`wandb.init` spawns its service: about 2 s) and so is writing next to a small
+    training step (wandb's `run.log`: about 1 ms); training needs to wait for neither. torch
+    releases the GIL inside its kernels, so this work overlaps the first and the next steps.
+    `flush()` waits for what was sent; `finish()` flushes first.
+
+    `starters` maps a name (its config key, for messages) to a function that builds the logger.
     """
 
-    def __init__(self, loggers: list[Logger]) -> None:
-        self.loggers = list(loggers)
+    def __init__(self, starters: Mapping[str, Callable[[], Logger]]) -> None:
+        self.loggers: list[Logger] = []
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hooktrain-loggers")
+        self._writer.submit(self._start, dict(starters))
+
+    def _start(self, starters: dict[str, Callable[[], Logger]]) -> None:
+        for name, start in starters.items():
+            try:
+                self.loggers.append(start())
+            except Exception as err:  # a backend that cannot start must not stop training
+                warnings.warn(
+                    f"{name} could not start ({err!r}); the run goes on without it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def _each(self, method: str, *args: Any) -> None:
         for logger in list(self.loggers):

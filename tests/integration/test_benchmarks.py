@@ -1,0 +1,38 @@
+"""The benchmark scripts still run: their `--quick` smoke versions, end to end, print full tables.
+
+No figure is asserted beyond being a real number: timings belong in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT, cli_env
+
+pytestmark = pytest.mark.slow
+
+RATIO = re.compile(r"\*\*(\d+\.\d+)x\*\*")
+
+
+@pytest.mark.parametrize(
+    ("script", "rows"),
+    [("bench_loop", ["| mlp | 256 |", "Fresh processes"]), ("bench_ddp", ["| mlp | 512 |"])],
+)
+def test_quick_benchmark_prints_its_tables(script, rows):
+    args = ["--quick", "--models", "mlp"] if script == "bench_loop" else ["--quick"]
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{script}", *args],
+        cwd=REPO_ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for row in rows:
+        assert row in done.stdout, done.stdout
+    ratios = [float(x) for x in RATIO.findall(done.stdout)]
+    assert ratios and all(0.1 < r < 10 for r in ratios), done.stdout
