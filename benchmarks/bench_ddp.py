@@ -1,12 +1,13 @@
 """hooktrain `parallel=ddp` against a plain DistributedDataParallel loop: 2 processes, gloo, CPU.
 
-    python -m benchmarks.bench_ddp            # ~2-2.5 minutes on 2 CPU cores
+    python -m benchmarks.bench_ddp            # ~7 minutes on 2 CPU cores
     python -m benchmarks.bench_ddp --quick    # smoke run: a few steps
 
 Both loops run in the same 2 processes, started once by `trainer.distributed.launch.launch`
 (torchrun's elastic engine), one intra-op thread each, on one process group, in alternating
-segments (`benchmarks.common.interleave`). The plain loop (`benchmarks.common.PlainLoop`):
-`DistributedDataParallel`, `DistributedSampler(num_replicas=2)`, gloo. hooktrain: `build_trainer`
+segments (`benchmarks.common.interleave`), in blocks with both loops built afresh. The plain
+loop (`benchmarks.common.PlainLoop`): `DistributedDataParallel`,
+`DistributedSampler(num_replicas=2)`, gloo. hooktrain: `build_trainer`
 with `parallel=ddp parallel.backend=gloo` (`ParallelConfig(strategy="ddp", backend="gloo")`) and
 its default callbacks and loggers (rank 0). Workloads as in bench_loop with
 `benchmarks.common.BATCH` per process, so the global batch is twice that; samples/s are global,

@@ -1,7 +1,8 @@
 """hooktrain against a plain PyTorch loop in one process: throughput, peak memory, time to first step.
 
-    python -m benchmarks.bench_loop            # ~2.5-3.5 minutes on 2 CPU cores
+    python -m benchmarks.bench_loop            # ~6 minutes on 2 CPU cores
     python -m benchmarks.bench_loop --quick    # smoke run: a few steps, one fresh-process pair
+    python -m benchmarks.bench_loop --identical --models mlp transformer   # A/A, ~3 minutes
 
 Workloads: the mlp, cnn, gru and transformer recipes on synthetic (1, 32, 32) images, 10 classes,
 with the batch sizes in `benchmarks.common.BATCH`. hooktrain runs its default job (`recipes/`:
@@ -10,7 +11,9 @@ grad_clip 1.0) with validation, test and checkpoints off; the plain loop
 (`benchmarks.common.PlainLoop`) does the same work.
 
 1. Throughput: both loops in this process on one intra-op thread, in alternating segments of
-   `--steps` steps (`benchmarks.common.interleave`), `--rounds` of each after a warm-up round.
+   `--steps` steps (`benchmarks.common.interleave`), `--rounds` of each after a warm-up round, in
+   `--blocks` blocks with both loops built afresh; the ratio is the median over blocks of
+   `benchmarks.common.per_position_ratio`.
 2. Fresh processes: the real CLI (`python -m trainer ...`) and the plain loop
    (`python -m benchmarks.common`) each in a new process: peak RSS, RSS just before the first step,
    and the wall time from starting the process (measured here) to the end of the first step.
@@ -37,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     BENCH_ENV,
     COMPARISON,
     REPO,
+    PlainAsTrainer,
     PlainLoop,
     cli_overrides,
     comparison,
@@ -46,6 +50,7 @@ from benchmarks.common import (  # noqa: E402
     machine,
     markdown_table,
     median,
+    per_position_ratio,
     plain_spec,
     pooled,
     wait_for_quiet,
@@ -74,6 +79,25 @@ def throughput(models: list[str], blocks: int, rounds: int, steps: int) -> str:
         runs = {k: [round(sps) for sps in pooled(results, k)] for k in ("plain", "hooktrain")}
         print(f"  {model} samples/s per segment: {runs}", file=sys.stderr)
     return markdown_table(["model", "batch", "plain step (ms)", *COMPARISON], rows)
+
+
+def identical_loops(models: list[str], blocks: int, rounds: int, steps: int) -> str:
+    """The same measurement with the plain loop on both sides: its distance from 1.0x is the
+    measurement's own error on this machine."""
+    rows = []
+    for model in models:
+        cfg = hooktrain_config(model, steps * (rounds + 1))
+        results = []
+        for _ in range(blocks):
+            twin = PlainAsTrainer(PlainLoop(plain_spec(cfg)))
+            plain = PlainLoop(plain_spec(cfg))
+            gc.collect()
+            results.append(interleave(plain, twin, rounds, steps, cfg.data.batch_size))
+        ratios = [per_position_ratio(block, cfg.log_every_steps) for block in results]
+        cells = comparison(results, cfg.log_every_steps)[2:]
+        rows.append([model, " ".join(f"{r:.3f}" for r in ratios), *cells])
+    headers = ["model", "per block", "plain B/plain A", "range over blocks", "median of rounds"]
+    return markdown_table(headers, rows)
 
 
 def fresh_process(model: str, variant: str, steps: int) -> dict[str, float]:
@@ -154,6 +178,11 @@ def main() -> None:
         default=0,
         help="first wait (<= 10 min) until the 1-minute load average is below this",
     )
+    parser.add_argument(
+        "--identical",
+        action="store_true",
+        help="instead, measure the plain loop against itself (A/A: the measurement's own error)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.blocks, args.rounds, args.steps = 1, 1, 5
@@ -163,6 +192,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     print(f"Machine: {machine()}; 1 intra-op thread.\n")
+    if args.identical:
+        print(f"Plain loop against plain loop, {args.blocks} blocks of {args.rounds} rounds:\n")
+        print(identical_loops(args.models, args.blocks, args.rounds, args.steps))
+        return
     print(
         f"Throughput: {args.blocks} blocks of {args.rounds} rounds of {args.steps}-step segments, "
         "same process:\n"

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,24 @@ class PlainLoop:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
+
+
+class PlainAsTrainer:
+    """A second plain loop dressed as a trainer for `interleave` (`fit()` up to
+    `state.max_steps`, `callbacks` told of each step's end): an A/A comparison of two identical
+    loops, which shows how far the measurement alone strays from 1.0x."""
+
+    def __init__(self, plain: PlainLoop) -> None:
+        self.plain = plain
+        self.callbacks: list[Callback] = []
+        self.state = types.SimpleNamespace(step=0, max_steps=0)
+
+    def fit(self) -> None:
+        while self.state.step < self.state.max_steps:
+            self.plain.step()
+            self.state.step += 1
+            for callback in self.callbacks:
+                callback.on_step_end(self.state)
 
 
 # ------------------------------------------------------------------------------ measuring
