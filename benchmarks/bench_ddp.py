@@ -20,10 +20,8 @@ on two threads, against the two processes.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from benchmarks.common import (  # noqa: E402
     PlainLoop,
     comparison,
     hooktrain_config,
-    interleave,
+    interleaved_blocks,
     load_average,
     machine,
     markdown_table,
@@ -56,22 +54,12 @@ NPROC = 2
 def _rank(cfgs: dict, blocks: int, rounds: int, steps: int) -> dict:
     """One rank: each model's plain and hooktrain segments, interleaved on one process group, in
     `blocks` blocks with both loops built afresh."""
-    from trainer.build import build_trainer
-
     torch.set_num_threads(1)
     with distributed("cpu", "gloo", 300) as env:
-        out = {}
-        for model, cfg in cfgs.items():
-            out[model] = []
-            for _ in range(blocks):
-                with tempfile.TemporaryDirectory() as run_dir:  # rank 0 writes the logs
-                    trainer, _ = build_trainer(cfg, env, Path(run_dir))
-                    plain = PlainLoop(plain_spec(cfg), ddp=True)
-                    gc.collect()
-                    batch = cfg.data.batch_size * env.world_size
-                    out[model].append(interleave(plain, trainer, rounds, steps, batch))
-                    trainer.logger.finish()
-    return out
+        return {
+            model: interleaved_blocks(cfg, env, blocks, rounds, steps)
+            for model, cfg in cfgs.items()
+        }
 
 
 def _one_process(spec: dict, threads: int, steps: int) -> float:

@@ -46,6 +46,7 @@ from benchmarks.common import (  # noqa: E402
     comparison,
     hooktrain_config,
     interleave,
+    interleaved_blocks,
     load_average,
     machine,
     markdown_table,
@@ -58,7 +59,6 @@ from benchmarks.common import (  # noqa: E402
 
 
 def throughput(models: list[str], blocks: int, rounds: int, steps: int) -> str:
-    from trainer.build import build_trainer
     from trainer.distributed.env import DistEnv
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -66,14 +66,7 @@ def throughput(models: list[str], blocks: int, rounds: int, steps: int) -> str:
     for model in models:
         cfg = hooktrain_config(model, steps * (rounds + 1))
         batch = cfg.data.batch_size
-        results = []
-        for _ in range(blocks):  # both loops built afresh for every block
-            with tempfile.TemporaryDirectory() as run_dir:
-                trainer, _ = build_trainer(cfg, env, Path(run_dir))
-                plain = PlainLoop(plain_spec(cfg))
-                gc.collect()
-                results.append(interleave(plain, trainer, rounds, steps, batch))
-                trainer.logger.finish()
+        results = interleaved_blocks(cfg, env, blocks, rounds, steps)
         step_ms = 1000 * batch / median(pooled(results, "plain"))
         rows.append([model, batch, f"{step_ms:.1f}", *comparison(results, cfg.log_every_steps)])
         runs = {k: [round(sps) for sps in pooled(results, k)] for k in ("plain", "hooktrain")}

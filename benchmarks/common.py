@@ -8,6 +8,7 @@ Hydra and the trainer's builder are imported inside the functions that need them
 
 from __future__ import annotations
 
+import gc
 import importlib
 import itertools
 import json
@@ -16,6 +17,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Iterator, Sequence
@@ -234,6 +236,23 @@ def interleave(
                 results[name].append((steps - 1) * batch / (ends[-1] - ends[0]))
                 results[f"{name}_steps"].append([b - a for a, b in itertools.pairwise(ends)])
     trainer.callbacks.remove(clock)
+    return results
+
+
+def interleaved_blocks(cfg: Any, env: Any, blocks: int, rounds: int, steps: int) -> list[dict]:
+    """`interleave` `blocks` times, each time with a hooktrain trainer and a plain loop built
+    afresh (DDP-wrapped when `env` spans several processes); returns each block's results."""
+    from trainer.build import build_trainer
+
+    results = []
+    for _ in range(blocks):
+        with tempfile.TemporaryDirectory() as run_dir:  # rank 0 writes the logs here
+            trainer, _ = build_trainer(cfg, env, Path(run_dir))
+            plain = PlainLoop(plain_spec(cfg), ddp=env.is_distributed)
+            gc.collect()
+            batch = cfg.data.batch_size * env.world_size
+            results.append(interleave(plain, trainer, rounds, steps, batch))
+            trainer.logger.finish()
     return results
 
 

@@ -39,9 +39,9 @@ def build_mesh(cfg: ParallelConfig, env: DistEnv) -> tuple[DeviceMesh | None, Di
     Ranks in one tensor-parallel group must read the same batch, so the loaders shard data by the
     data-parallel rank, not the global rank.
     """
-    if not env.is_distributed or cfg.strategy == "none":
+    if not env.is_distributed:
         return None, env
-    dp, tp = cfg.degrees(env.world_size)
+    dp, tp = cfg.degrees(env.world_size)  # refuses strategy none, or degrees that do not fit
     mesh = init_device_mesh(env.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     dp_mesh = mesh["dp"]
     return mesh, env.with_data_parallel(
@@ -56,11 +56,6 @@ def parallelize(
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if mesh is None:
-        if env.is_distributed:
-            raise RuntimeError(
-                f"parallel.strategy=none but the world has {env.world_size} processes; "
-                "pick parallel=ddp (or fsdp, tp, fsdp_tp) under torchrun"
-            )
         return model  # a world of one: the same recipe runs as a plain single-process debug run
     if cfg.strategy == "ddp":
         device_ids = [env.device.index] if env.device.type == "cuda" else None

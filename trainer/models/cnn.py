@@ -72,7 +72,7 @@ class CNN(nn.Module):
     def tp_plan(self) -> dict[str, ParallelStyle]:
         """Tensor parallel: the fc pair of the head, colwise then rowwise (one all-reduce). The
         convolutions are small next to it and stay replicated."""
-        if len(self.classifier) < 5:  # hidden=0: a single Linear, kept whole and gathered
+        if len(self.classifier) < 5:  # hidden=0: one Linear, its classes split, then gathered
             return {"classifier.1": ColwiseParallel(output_layouts=Replicate())}
         return {"classifier.1": ColwiseParallel(), "classifier.4": RowwiseParallel()}
 
