@@ -260,8 +260,8 @@ def per_position_ratio(results: dict[str, Any], cycle: int) -> float:
     """hooktrain/plain throughput from the median duration of each step position in the logging
     cycle (step k of the segment, k mod `cycle`; segments are whole cycles long).
 
-    On a shared VM a step's time has a long right tail (median 8 ms, p99 30 ms, max 150 ms for
-    the plain MLP step here): means and per-segment figures are dominated by a few stalls. The
+    On a shared VM step times have a long tail of stalls, which dominate means and per-segment
+    figures. The
     median of each position is robust to them and still charges the loop's periodic work (log
     steps are one position in `cycle`) to hooktrain; the cycle's time is the sum of those
     medians."""
@@ -295,9 +295,9 @@ def comparison(blocks: list[dict[str, Any]], cycle: int) -> list[str]:
     built loops: median samples/s of each loop over all segments; the headline, the median over
     blocks of `per_position_ratio`, and its range; the median of all per-round ratios.
 
-    Fresh loops per block because where a model's tensors land in memory moves its speed: two
-    identical plain loops, interleaved in one process, differ by up to 10% on this VM, and by a
-    few % once rebuilt. The median over blocks averages that placement out."""
+    Fresh loops per block because one pair of builds carries a bias of its own (most likely
+    where the tensors land in memory): `bench_loop --identical` shows identical loops' per-block
+    ratios spreading far wider than their median over blocks. The median averages it out."""
     ratios = [per_position_ratio(block, cycle) for block in blocks]
     rounds = [
         h / p for block in blocks for p, h in zip(block["plain"], block["hooktrain"], strict=True)
