@@ -98,26 +98,35 @@ class PlainLoop:
     """A hand-written loop doing hooktrain's work: the same data, model, AdamW, cross-entropy and
     gradient clipping, `zero_grad(set_to_none=True)`, batches drawn by a `DistributedSampler`
     (num_replicas=1, rank=0 in one process, as hooktrain does) reshuffled each epoch. With `ddp`:
-    `DistributedDataParallel` and the data sharded over the default process group."""
+    `DistributedDataParallel` and the data sharded over the default process group.
 
-    def __init__(self, spec: dict[str, Any], ddp: bool = False) -> None:
+    With `share` (a hooktrain `Trainer`, or another `PlainLoop`), the loop trains that one's very
+    model (DDP-wrapped as it is), optimizer and training set instead of building its own, so
+    that the two loops differ in nothing but the loop: not even in where their tensors live."""
+
+    def __init__(self, spec: dict[str, Any], ddp: bool = False, share: Any = None) -> None:
         torch.manual_seed(spec["seed"])
-        splits = _construct(spec["dataset"])
-        model = _construct(
-            spec["model"], input_shape=splits.input_shape, num_classes=splits.num_classes
-        )
-        self.model = DistributedDataParallel(model) if ddp else model
-        self.optimizer = _construct(spec["optim"], params=self.model.parameters())
+        if share is None:
+            splits = _construct(spec["dataset"])
+            model = _construct(
+                spec["model"], input_shape=splits.input_shape, num_classes=splits.num_classes
+            )
+            self.model = DistributedDataParallel(model) if ddp else model
+            self.optimizer = _construct(spec["optim"], params=self.model.parameters())
+            train = splits.train
+        else:
+            self.model, self.optimizer = share.model, share.optimizer
+            train = share.train_loader.dataset
         self.sampler = DistributedSampler(
-            splits.train,
+            train,
             num_replicas=dist.get_world_size() if ddp else 1,
             rank=dist.get_rank() if ddp else 0,
             shuffle=True,
             seed=spec["seed"],
             drop_last=True,
         )
-        self.loader = DataLoader(
-            splits.train,
+        self.train_loader = DataLoader(
+            train,
             batch_size=spec["batch_size"],
             sampler=self.sampler,
             drop_last=True,
@@ -131,7 +140,7 @@ class PlainLoop:
         epoch = 0
         while True:
             self.sampler.set_epoch(epoch)
-            yield from self.loader
+            yield from self.train_loader
             epoch += 1
 
     def step(self) -> None:
@@ -239,16 +248,25 @@ def interleave(
     return results
 
 
-def interleaved_blocks(cfg: Any, env: Any, blocks: int, rounds: int, steps: int) -> list[dict]:
+def interleaved_blocks(
+    cfg: Any, env: Any, blocks: int, rounds: int, steps: int, share: bool = True
+) -> list[dict]:
     """`interleave` `blocks` times, each time with a hooktrain trainer and a plain loop built
-    afresh (DDP-wrapped when `env` spans several processes); returns each block's results."""
+    afresh (DDP-wrapped when `env` spans several processes); returns each block's results.
+
+    With `share`, the plain loop trains the trainer's own model, optimizer and training set
+    (`PlainLoop(share=trainer)`): the ratio is then the loop's cost alone. Without it, each loop
+    builds its own, and the ratio also carries where each build's tensors happened to land in
+    memory, which on this machine moves one block's ratio by up to ±20% (`--identical`)."""
     from trainer.build import build_trainer
 
     results = []
     for _ in range(blocks):
         with tempfile.TemporaryDirectory() as run_dir:  # rank 0 writes the logs here
             trainer, _ = build_trainer(cfg, env, Path(run_dir))
-            plain = PlainLoop(plain_spec(cfg), ddp=env.is_distributed)
+            plain = PlainLoop(
+                plain_spec(cfg), ddp=env.is_distributed, share=trainer if share else None
+            )
             gc.collect()
             batch = cfg.data.batch_size * env.world_size
             results.append(interleave(plain, trainer, rounds, steps, batch))

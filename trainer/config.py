@@ -304,25 +304,20 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> TrainConfig:
 
 
 def _check_callback_order(callbacks: Mapping[str, Any], allowed: Sequence[str]) -> None:
-    """Callbacks run in config order, and at the end of a fit that order matters once: restoring
-    the best weights after pruning would bring the pruned weights back. Refuse that order."""
-    from trainer.callbacks.early_stopping import EarlyStopping
-    from trainer.callbacks.pruning import Pruning
-
-    pruning = None
+    """Callbacks run in config order, and some orders are wrong; each callback class says which
+    (`Callback.config_order_error`)."""
+    earlier: list[tuple[str, type]] = []
     for name, node in callbacks.items():
         if node is None:
             continue
         target = resolve_target(node["_target_"], f"callbacks.{name}", allowed)
-        if inspect.isclass(target) and issubclass(target, Pruning):
-            pruning = pruning or name
-        elif inspect.isclass(target) and issubclass(target, EarlyStopping):
-            _require(
-                pruning is None or not node.get("restore_best_weights", False),
-                f"callbacks.{name}",
-                f"restores the best weights at the end of the fit, so it must come before "
-                f"callbacks.{pruning} (it would undo the pruning); list it first",
-            )
+        if not inspect.isclass(target):
+            continue
+        order_error = getattr(target, "config_order_error", None)
+        if order_error is not None:
+            error = order_error(node, earlier)
+            _require(error is None, f"callbacks.{name}", str(error))
+        earlier.append((name, target))
 
 
 def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> None:

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader
 from trainer.callbacks.base import Callback
 from trainer.config import TrainConfig
 from trainer.data.loaders import start_epoch
-from trainer.distributed.clip import clip_grad_norm_, grad_norm
+from trainer.distributed.clip import clip_grad_norm_, grad_norm, has_dtensors
 from trainer.distributed.env import DistEnv, all_reduce_max, all_reduce_sum, any_rank, dtype_of
 from trainer.distributed.parallelize import unwrap
 from trainer.loggers.base import Logger
-from trainer.state import TrainState
+from trainer.state import TrainState, rate_metrics
 
 Batch = Sequence[torch.Tensor]
 
@@ -89,6 +89,9 @@ class Trainer:
         if cfg.precision == "fp16" and env.device.type != "cuda":
             raise ValueError("precision=fp16 needs a CUDA device; use precision=bf16 on CPU")
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        # Sharded parameters need the DTensor-aware clipping; plain ones take torch's own, which
+        # skips that check of every gradient on every step.
+        self._clip = clip_grad_norm_ if has_dtensors(model) else nn.utils.clip_grad_norm_
         # Steady-state throughput: time and samples inside train_step, the first step (warm-up,
         # compilation) excluded.
         self.timed_seconds = 0.0
@@ -131,7 +134,7 @@ class Trainer:
             self._call("on_step_start")
             started = time.perf_counter()
             loss = self.train_step(batches)
-            samples = sum(len(b[0]) for b in batches) * self.env.dp_size
+            samples = _samples(batches) * self.env.dp_size
             if self.first_step_done is None:
                 self.first_step_done = time.time()
             else:
@@ -143,7 +146,7 @@ class Trainer:
             self._window.add(loss, samples)
             if self._should_log():
                 state.log(self._window.reduce(self.env))
-                state.log({"lr": self.optimizer.param_groups[0]["lr"], "epoch": state.epoch})
+                state.log({**rate_metrics(self.optimizer), "epoch": state.epoch})
             self._call("on_step_end")
             if self._should_log():
                 self._flush_logs()
@@ -172,7 +175,7 @@ class Trainer:
         for the finiteness check of the gradient norm."""
         # Weight each micro-batch by its share of the step's samples, so that accumulation equals
         # one step on the combined batch even when the epoch's last micro-batch is short.
-        count = sum(targets.numel() for _, targets in batches)
+        count = sum(targets.numel() for _, targets in batches) if len(batches) > 1 else 0
         losses = []
         for i, (inputs, targets) in enumerate(batches):
             inputs = inputs.to(self.env.device, non_blocking=True)
@@ -189,7 +192,7 @@ class Trainer:
         total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         if self.cfg.grad_clip > 0:
-            norm = clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            norm = self._clip(self.model.parameters(), self.cfg.grad_clip)
         else:
             norm = grad_norm(self.model.parameters())
         # fp16's grad scaler skips non-finite steps itself; otherwise the policy decides. The norm
@@ -202,7 +205,7 @@ class Trainer:
 
     def _finite_or_handled(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
         """True if the step may go ahead; applies the `nonfinite` policy when it may not."""
-        if bool(torch.isfinite(norm)):  # the one host sync per step
+        if math.isfinite(norm.item()):  # the one host sync per step
             self.consecutive_skips = 0
             return True
         state, policy = self.state, self.cfg.nonfinite
@@ -300,12 +303,13 @@ class Trainer:
         self.save_on_stop = save
         return stop
 
+    def _sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if sync else self._without_gradient_sync()
+
     @contextlib.contextmanager
-    def _sync_gradients(self, sync: bool) -> Iterator[None]:
+    def _without_gradient_sync(self) -> Iterator[None]:
         model = self.model
-        if sync:
-            yield
-        elif hasattr(model, "no_sync"):  # DDP
+        if hasattr(model, "no_sync"):  # DDP
             with model.no_sync():
                 yield
         elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
@@ -327,21 +331,20 @@ class _Window:
     """Training loss and throughput since the last log step, reduced across ranks on demand."""
 
     def __init__(self) -> None:
-        self.loss_sum: torch.Tensor | None = None
-        self.steps = 0
+        self.losses: list[torch.Tensor] = []  # summed on log steps: no tensor op per step
         self.samples = 0
         self.started = time.perf_counter()
 
     def add(self, loss: torch.Tensor, samples: int) -> None:
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.steps += 1
+        self.losses.append(loss)
         self.samples += samples
 
     def reduce(self, env: DistEnv) -> dict[str, float]:
-        summed = all_reduce_sum(self.loss_sum.to(torch.float64).reshape(1), env.dp_group)
+        loss_sum = torch.stack(self.losses).sum().to(torch.float64).reshape(1)
+        summed = all_reduce_sum(loss_sum, env.dp_group)
         seconds = time.perf_counter() - self.started
         metrics = {
-            "train/loss": summed.item() / (self.steps * env.dp_size),
+            "train/loss": summed.item() / (len(self.losses) * env.dp_size),
             "train/samples_per_second": self.samples / max(seconds, 1e-9),
         }
         self.__init__()
@@ -376,6 +379,10 @@ def _padded(loader: DataLoader, count: int) -> Iterator[Batch]:
         batch = [t.unsqueeze(0) for t in loader.dataset.dataset[0]]
     for _ in range(count - len(loader)):
         yield [t[:0] for t in batch]
+
+
+def _samples(batches: Sequence[Batch]) -> int:
+    return len(batches[0][0]) if len(batches) == 1 else sum(len(b[0]) for b in batches)
 
 
 def _in_groups(loader: Iterable[Batch], size: int) -> Iterator[list[Batch]]:

@@ -68,3 +68,13 @@ class TrainState:
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self.samples_seen = int(state["samples_seen"])
         self.metrics = dict(state["metrics"])
+
+
+def rate_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rates in use, as logged: "lr" (group 0), and with several groups
+    "lr/group{i}" for each."""
+    lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    metrics = {"lr": lrs[0]}
+    if len(lrs) > 1:
+        metrics.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)})
+    return metrics

@@ -48,6 +48,21 @@ def test_flush_makes_every_metric_sent_so_far_visible_in_order(tmp_path):
     group.finish()
 
 
+def test_metrics_are_handed_to_the_thread_in_batches_at_most_every_send_every_s(tmp_path):
+    group = LoggerGroup({"jsonl": lambda: JsonlLogger(str(tmp_path))}, send_every_s=3600)
+    for step in (1, 2, 3):
+        group.log_metrics({"x": float(step)}, step)
+    group._writer.submit(lambda: None).result()  # whatever was handed over is written now
+    assert rows(tmp_path / "metrics.jsonl") == []  # held: less than an hour since the start
+    group.flush()
+    assert [row["step"] for row in rows(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    group.send_every_s = 0  # now every call hands its row over at once
+    group.log_metrics({"x": 4.0}, 4)
+    group._writer.submit(lambda: None).result()
+    assert rows(tmp_path / "metrics.jsonl")[-1] == {"step": 4, "x": 4.0}
+    group.finish()
+
+
 def test_the_caller_may_reuse_its_dict_after_sending_it(tmp_path):
     group = LoggerGroup({"jsonl": lambda: JsonlLogger(str(tmp_path))})
     metrics = {"lr": 0.1}
@@ -115,6 +130,16 @@ def test_progress_bar_shows_loss_throughput_and_the_last_step(tmp_path, capsys):
     assert "loss" in drawn and "samples/s" in drawn and "eta" in drawn
     loss = trainer.state.metrics["train/loss"]
     assert f"loss {loss:.4f}" in drawn
+
+
+def test_progress_bar_draws_at_most_at_its_refresh_rate(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # draw every update, as on a terminal
+    # A rate of one draw a day: the first step draws, then nothing until the end of the fit.
+    trainer = make_trainer(tmp_path, callbacks=[ProgressBar(refresh_per_second=1e-5)])
+    trainer.fit()
+    drawn = capsys.readouterr().err
+    assert " 1/16" in drawn and "16/16" in drawn
+    assert not any(f" {step}/16" in drawn for step in range(2, 16))
 
 
 def test_progress_bar_draws_nothing_on_other_ranks(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trainer.state import TrainState
@@ -42,6 +43,19 @@ class Callback:
     Whatever `state_dict()` returns is saved in checkpoints and handed back to
     `load_state_dict()` on resume; keep it to tensors and plain Python values.
     """
+
+    # True where `on_fit_end` changes the weights for good (pruning makes its zeros permanent):
+    # a callback after it that restores earlier weights would undo that.
+    edits_weights_at_fit_end = False
+
+    @classmethod
+    def config_order_error(
+        cls, node: Mapping[str, Any], earlier: Sequence[tuple[str, type]]
+    ) -> str | None:
+        """Config validation asks each callback class, with its config `node` and the (name,
+        class) of every callback listed before it, whether that order is wrong; a message
+        refuses the config before anything is built."""
+        return None
 
     def on_fit_start(self, state: TrainState) -> None: ...
     def on_epoch_start(self, state: TrainState) -> None: ...

@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -81,6 +82,23 @@ class EarlyStopping(Callback):
         restore_best_weights: load the weights of the best check back at the end of the fit.
         verbose: print improvements and the stop reason on rank zero.
     """
+
+    @classmethod
+    def config_order_error(
+        cls, node: Mapping[str, Any], earlier: Sequence[tuple[str, type]]
+    ) -> str | None:
+        # Callbacks run in config order: restoring the best weights at the end of the fit,
+        # after a callback that edited them for good there (pruning), would undo the edit.
+        if not node.get("restore_best_weights", False):
+            return None
+        for name, callback in earlier:
+            if getattr(callback, "edits_weights_at_fit_end", False):
+                return (
+                    f"restores the best weights at the end of the fit, so it must come before "
+                    f"callbacks.{name} (it would undo what that one did to the weights); "
+                    "list it first"
+                )
+        return None
 
     def __init__(
         self,

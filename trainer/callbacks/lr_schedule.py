@@ -16,8 +16,9 @@ at. Only the initial rates are saved, because the optimizer's checkpoint restore
 rate of the step it was saved at, not the configured one. `ReduceOnPlateau` reacts to a metric
 instead of a clock and also saves its counters.
 
-Every change of rate is logged (`state.log`) as "lr" (group 0) and, with several groups, as
-"lr/group{i}" for each group.
+The rates are logged (`state.log`) as "lr" (group 0) and, with several groups, as "lr/group{i}"
+for each group: by the loop on every log step, and by the schedule when a fit starts and when an
+epoch-interval or plateau schedule changes them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainer.callbacks.base import Callback
-from trainer.state import TrainState
+from trainer.state import TrainState, rate_metrics
 
 INTERVALS = ("step", "epoch")
 
@@ -62,13 +63,6 @@ def _positive(name: str, value: Any) -> float:
     return value
 
 
-def _lr_metrics(lrs: list[float]) -> dict[str, float]:
-    metrics = {"lr": float(lrs[0])}
-    if len(lrs) > 1:
-        metrics.update({f"lr/group{i}": float(lr) for i, lr in enumerate(lrs)})
-    return metrics
-
-
 class LRSchedule(Callback):
     """Base class: subclasses define `factor(t, total)`, or `rate(base_lr, t, total)` where the
     reference formula is not a plain multiple of the group's initial rate."""
@@ -98,12 +92,12 @@ class LRSchedule(Callback):
         """Reset per-run counters at fit start, or restore them from `saved` on resume."""
 
     def set_rates(self, state: TrainState, log: bool = False) -> None:
-        """Write `rates(state)` into the optimizer; log them if they changed (or if `log`)."""
-        groups, lrs = state.optimizer.param_groups, self.rates(state)
-        if log or [g["lr"] for g in groups] != lrs:
-            for group, lr in zip(groups, lrs, strict=True):
-                group["lr"] = lr
-            state.log(_lr_metrics(lrs))
+        """Write `rates(state)` into the optimizer, and log them if `log`. A step-interval schedule
+        does not log each step's rate: the loop logs the rates in use on every log step."""
+        for group, lr in zip(state.optimizer.param_groups, self.rates(state), strict=True):
+            group["lr"] = lr
+        if log:
+            state.log(rate_metrics(state.optimizer))
 
     # ---------------------------------------------------------------------------- hooks
     def on_fit_start(self, state: TrainState) -> None:
@@ -120,7 +114,7 @@ class LRSchedule(Callback):
 
     def on_epoch_start(self, state: TrainState) -> None:
         if self.interval == "epoch":
-            self.set_rates(state)
+            self.set_rates(state, log=True)
 
     def on_step_start(self, state: TrainState) -> None:
         if self.interval == "step":
@@ -345,7 +339,7 @@ class ReduceOnPlateau(LRSchedule):
         if self.bad_evals > self.patience:
             self.lrs = [self.reduced(lr) for lr in self.lrs]
             self.cooldown_left, self.bad_evals = self.cooldown, 0
-            self.set_rates(state)
+            self.set_rates(state, log=True)
 
     def state_dict(self) -> dict[str, Any]:
         if not hasattr(self, "lrs"):  # before the first fit: nothing to restore

@@ -76,6 +76,8 @@ class Pruning(Callback):
         run_dir: the run folder, when the trainer injects it.
     """
 
+    edits_weights_at_fit_end = True  # the masks become plain zeros in the weights
+
     def __init__(
         self,
         sparsity: float = 0.5,

@@ -18,6 +18,12 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
 
+def has_dtensors(module: nn.Module) -> bool:
+    """Whether any parameter is a DTensor (FSDP2, tensor parallel): only then do the functions
+    below differ from torch's own."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def _grad_groups(parameters: Iterable[nn.Parameter]) -> list[list[torch.Tensor]]:
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for p in parameters:

@@ -12,8 +12,6 @@ only wires it. The optimizer is built after this, from the wrapped model's param
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -26,11 +24,8 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.config import ParallelConfig
 from trainer.distributed.env import DistEnv, dtype_of
-
-# For annotations only: config.py's validation imports the callbacks, which import this module.
-if TYPE_CHECKING:
-    from trainer.config import ParallelConfig
 
 
 def build_mesh(cfg: ParallelConfig, env: DistEnv) -> tuple[DeviceMesh | None, DistEnv]:
