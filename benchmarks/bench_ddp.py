@@ -45,19 +45,20 @@ from benchmarks.common import (  # noqa: E402
     pooled,
     wait_for_quiet,
 )
+from trainer.allocator import keep_freed_memory  # noqa: E402
 from trainer.distributed.env import distributed  # noqa: E402
 from trainer.distributed.launch import launch  # noqa: E402
 
 NPROC = 2
 
 
-def _rank(cfgs: dict, blocks: int, rounds: int, steps: int) -> dict:
+def _rank(cfgs: dict, blocks: int, rounds: int, steps: int, share: bool) -> dict:
     """One rank: each model's plain and hooktrain segments, interleaved on one process group, in
     `blocks` blocks with both loops built afresh."""
     torch.set_num_threads(1)
     with distributed("cpu", "gloo", 300) as env:
         return {
-            model: interleaved_blocks(cfg, env, blocks, rounds, steps)
+            model: interleaved_blocks(cfg, env, blocks, rounds, steps, share)
             for model, cfg in cfgs.items()
         }
 
@@ -115,19 +116,26 @@ def main() -> None:
         default=0,
         help="first wait (<= 10 min) until the 1-minute load average is below this",
     )
+    parser.add_argument(
+        "--separate-builds",
+        action="store_true",
+        help="the plain loop builds its own model, optimizer and data (see interleaved_blocks)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.models, args.blocks, args.rounds, args.steps = args.models[:1], 1, 1, 5
     if args.wait_load:
         wait_for_quiet(args.wait_load)
     os.environ.update(BENCH_ENV)
+    keep_freed_memory()  # the one-process runs of the scaling table: hooktrain's malloc settings
     print(f"Machine: {machine()}; {NPROC} processes x 1 intra-op thread, gloo.\n")
 
     total = args.steps * (args.rounds + 1)
     cfgs = {
         m: hooktrain_config(m, total, "parallel=ddp", "parallel.backend=gloo") for m in args.models
     }
-    ddp = launch(_rank, NPROC, cfgs, args.blocks, args.rounds, args.steps)[0]
+    share = not args.separate_builds
+    ddp = launch(_rank, NPROC, cfgs, args.blocks, args.rounds, args.steps, share)[0]
     rows = [
         [m, NPROC * cfg.data.batch_size, *comparison(ddp[m], cfg.log_every_steps)]
         for m, cfg in cfgs.items()

@@ -12,8 +12,10 @@ grad_clip 1.0) with validation, test and checkpoints off; the plain loop
 
 1. Throughput: both loops in this process on one intra-op thread, in alternating segments of
    `--steps` steps (`benchmarks.common.interleave`), `--rounds` of each after a warm-up round, in
-   `--blocks` blocks with both loops built afresh; the ratio is the median over blocks of
-   `benchmarks.common.per_position_ratio`.
+   `--blocks` blocks, each with a freshly built trainer whose model, optimizer and training set
+   the plain loop trains too (`--separate-builds`: its own); the ratio is the median over blocks
+   of `benchmarks.common.per_position_ratio`. The process runs with hooktrain's malloc settings
+   (`trainer.allocator`), which the plain loop shares.
 2. Fresh processes: the real CLI (`python -m trainer ...`) and the plain loop
    (`python -m benchmarks.common`) each in a new process: peak RSS, RSS just before the first step,
    and the wall time from starting the process (measured here) to the end of the first step.
@@ -56,9 +58,10 @@ from benchmarks.common import (  # noqa: E402
     pooled,
     wait_for_quiet,
 )
+from trainer.allocator import keep_freed_memory  # noqa: E402
 
 
-def throughput(models: list[str], blocks: int, rounds: int, steps: int) -> str:
+def throughput(models: list[str], blocks: int, rounds: int, steps: int, share: bool) -> str:
     from trainer.distributed.env import DistEnv
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -66,7 +69,7 @@ def throughput(models: list[str], blocks: int, rounds: int, steps: int) -> str:
     for model in models:
         cfg = hooktrain_config(model, steps * (rounds + 1))
         batch = cfg.data.batch_size
-        results = interleaved_blocks(cfg, env, blocks, rounds, steps)
+        results = interleaved_blocks(cfg, env, blocks, rounds, steps, share)
         step_ms = 1000 * batch / median(pooled(results, "plain"))
         rows.append([model, batch, f"{step_ms:.1f}", *comparison(results, cfg.log_every_steps)])
         runs = {k: [round(sps) for sps in pooled(results, k)] for k in ("plain", "hooktrain")}
@@ -74,7 +77,7 @@ def throughput(models: list[str], blocks: int, rounds: int, steps: int) -> str:
     return markdown_table(["model", "batch", "plain step (ms)", *COMPARISON], rows)
 
 
-def identical_loops(models: list[str], blocks: int, rounds: int, steps: int) -> str:
+def identical_loops(models: list[str], blocks: int, rounds: int, steps: int, separate: bool) -> str:
     """The same measurement with the plain loop on both sides: its distance from 1.0x is the
     measurement's own error on this machine."""
     rows = []
@@ -82,8 +85,8 @@ def identical_loops(models: list[str], blocks: int, rounds: int, steps: int) -> 
         cfg = hooktrain_config(model, steps * (rounds + 1))
         results = []
         for _ in range(blocks):
-            twin = PlainAsTrainer(PlainLoop(plain_spec(cfg)))
             plain = PlainLoop(plain_spec(cfg))
+            twin = PlainAsTrainer(PlainLoop(plain_spec(cfg), share=None if separate else plain))
             gc.collect()
             results.append(interleave(plain, twin, rounds, steps, cfg.data.batch_size))
         ratios = [per_position_ratio(block, cfg.log_every_steps) for block in results]
@@ -176,6 +179,11 @@ def main() -> None:
         action="store_true",
         help="instead, measure the plain loop against itself (A/A: the measurement's own error)",
     )
+    parser.add_argument(
+        "--separate-builds",
+        action="store_true",
+        help="the plain loop builds its own model, optimizer and data (see interleaved_blocks)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.blocks, args.rounds, args.steps = 1, 1, 5
@@ -183,17 +191,20 @@ def main() -> None:
         wait_for_quiet(args.wait_load)
     os.environ.update(BENCH_ENV)
     torch.set_num_threads(1)
+    keep_freed_memory()  # as build_trainer does: the A/A runs too, which build no trainer
 
     print(f"Machine: {machine()}; 1 intra-op thread.\n")
     if args.identical:
         print(f"Plain loop against plain loop, {args.blocks} blocks of {args.rounds} rounds:\n")
-        print(identical_loops(args.models, args.blocks, args.rounds, args.steps))
+        print(
+            identical_loops(args.models, args.blocks, args.rounds, args.steps, args.separate_builds)
+        )
         return
     print(
         f"Throughput: {args.blocks} blocks of {args.rounds} rounds of {args.steps}-step segments, "
         "same process:\n"
     )
-    print(throughput(args.models, args.blocks, args.rounds, args.steps))
+    print(throughput(args.models, args.blocks, args.rounds, args.steps, not args.separate_builds))
     fresh, steps = (args.models[:1], 5) if args.quick else (args.models, 20)
     print(f"\nFresh processes ({steps} steps each):\n")
     print(fresh_processes(fresh, steps))

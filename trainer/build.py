@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from trainer.allocator import keep_freed_memory
 from trainer.callbacks.base import Callback
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, build
@@ -74,6 +75,8 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
     """Returns the trainer and facts about the model for the summary: parameter count, training
     FLOPs per sample and tokens per sample (1 for classification)."""
     seed_everything(cfg.seed, cfg.deterministic)
+    if cfg.keep_freed_memory and env.device.type == "cpu":
+        keep_freed_memory()
     splits = build_data(cfg)
     model = build_model(cfg, splits)
     inputs, targets = default_collate([splits.train[0], splits.train[1]])

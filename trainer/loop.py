@@ -340,7 +340,7 @@ class _Window:
         self.samples += samples
 
     def reduce(self, env: DistEnv) -> dict[str, float]:
-        loss_sum = torch.stack(self.losses).sum().to(torch.float64).reshape(1)
+        loss_sum = torch.stack(self.losses).sum(dtype=torch.float64).reshape(1)
         summed = all_reduce_sum(loss_sum, env.dp_group)
         seconds = time.perf_counter() - self.started
         metrics = {
