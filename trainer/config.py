@@ -184,6 +184,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     log_every_steps: int = 10
+    # While fitting, Python's own cyclic GC is off and the loop collects the young generations
+    # every this many steps, on every rank at the same step; 0 leaves the automatic GC on.
+    gc_every_steps: int = 50
     val_every_epochs: int = 1  # 0 turns per-epoch validation off
     test_after_fit: bool = True
     resume: str | None = None  # null | auto | a checkpoint folder
@@ -233,6 +236,11 @@ class TrainConfig:
             self.log_every_steps >= 1,
             "log_every_steps",
             f"must be >= 1, got {self.log_every_steps}",
+        )
+        _require(
+            self.gc_every_steps >= 0,
+            "gc_every_steps",
+            f"must be >= 0 (0: Python's automatic GC), got {self.gc_every_steps}",
         )
         _require(
             self.val_every_epochs >= 0,

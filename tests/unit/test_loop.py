@@ -4,6 +4,7 @@ PyTorch loop drawing the same batches, `clip_grad_norm_`, sums over a whole spli
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import sys
 from pathlib import Path
@@ -514,3 +515,36 @@ def test_language_model_path(tmp_path):
     assert after["val/accuracy"] == pytest.approx(ref_accuracy, abs=1e-12)
     assert after["val/loss"] == pytest.approx(ref_loss, rel=1e-5)
     assert after["val/loss"] < at_init["val/loss"]
+
+
+@pytest.mark.parametrize("every", [0, 4])
+def test_gc_runs_on_the_loops_schedule_while_fitting(tmp_path, every):
+    """gc_every_steps=4: Python's automatic GC is off during the fit and the young generations
+    are collected after steps 4, 8, ...; it is back on when fit returns. 0: left alone."""
+    collected_at: list[tuple[int, int]] = []  # (step, generation) of every collection in the fit
+
+    class Watch(Callback):
+        def __init__(self) -> None:
+            self.enabled: list[bool] = []
+
+        def on_step_end(self, state: TrainState) -> None:
+            self.enabled.append(gc.isenabled())
+
+    watch = Watch()
+    trainer = make_trainer(tmp_path, callbacks=[watch], gc_every_steps=every, max_steps=12)
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start":
+            collected_at.append((trainer.state.step, info["generation"]))
+
+    gc.callbacks.append(note)
+    try:
+        trainer.fit()
+    finally:
+        gc.callbacks.remove(note)
+    assert gc.isenabled()
+    if every:
+        assert watch.enabled == [False] * 12
+        assert collected_at == [(4, 1), (8, 1), (12, 1)]
+    else:
+        assert watch.enabled == [True] * 12
