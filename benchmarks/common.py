@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import itertools
 import json
 import os
 import platform
@@ -202,36 +201,41 @@ class StepClock(Callback):
             Path(self.report).write_text(json.dumps(facts))
 
 
+class AlternatingPlainStep(Callback):
+    """Appended last to hooktrain's callbacks: at the end of each hooktrain step it notes the time,
+    runs one step of the plain loop, and notes the time again. The two loops thus alternate step
+    by step, and each pair of steps meets the machine in the same state."""
+
+    def __init__(self, plain: PlainLoop) -> None:
+        self.plain = plain
+        self.hooktrain_ends: list[float] = []  # time.perf_counter() at the end of each step
+        self.plain_ends: list[float] = []
+
+    def on_step_end(self, state: Any = None) -> None:
+        self.hooktrain_ends.append(time.perf_counter())
+        self.plain.step()
+        self.plain_ends.append(time.perf_counter())
+
+
 def interleave(
     plain: PlainLoop, trainer: Any, rounds: int, steps: int, batch: int
 ) -> dict[str, Any]:
-    """Alternate `steps`-step segments of the plain loop and of hooktrain, `rounds` of each after
-    one warm-up round, in the order plain, hooktrain, hooktrain, plain, plain, ...
+    """Run hooktrain and the plain loop step by step in turns (`AlternatingPlainStep`): one
+    warm-up segment of `steps` steps of each, then `rounds` timed segments.
 
-    hooktrain's segments are `fit()` calls on one trainer whose `state.max_steps` is raised by
-    `steps` each time: like a resumed run, each starts and stops the callbacks (the progress bar),
-    the data order runs on, the loggers stay open. `batch` is the global batch.
+    A segment is one `fit()` call on the trainer, whose `state.max_steps` is raised by `steps`
+    each time: like a resumed run, each starts and stops the callbacks (the progress bar), the
+    data order runs on, the loggers stay open. A hooktrain step lasts from the end of the plain
+    step before it to its own end (a whole loop iteration: what follows `on_step_end`, such as
+    the hand-off to the loggers, the data, the hooks, `train_step`); a plain step from the end of
+    the hooktrain step before it to its own end. `batch` is the global batch.
 
-    Returns, per loop, each segment's samples/s (from the end of its first step to the end of its
-    last) under "plain" / "hooktrain", and each segment's step durations (s; the 2nd step to the
-    last) under "plain_steps" / "hooktrain_steps", for `per_position_ratio`."""
-    clock = StepClock()
-    trainer.callbacks.append(clock)
+    Returns, per loop, each segment's samples/s under "plain" / "hooktrain", and each segment's
+    step durations (s; the 2nd step to the last) under "plain_steps" / "hooktrain_steps", for
+    `per_position_ratio`."""
+    turns = AlternatingPlainStep(plain)
+    trainer.callbacks.append(turns)
     trainer.state.max_steps = trainer.state.step
-
-    def plain_segment() -> list[float]:
-        ends = []
-        for _ in range(steps):
-            plain.step()
-            ends.append(time.perf_counter())
-        return ends
-
-    def hooktrain_segment() -> list[float]:
-        trainer.state.max_steps += steps
-        trainer.fit()
-        return clock.ends[-steps:]
-
-    segments = {"plain": plain_segment, "hooktrain": hooktrain_segment}
     results: dict[str, Any] = {
         "plain": [],
         "hooktrain": [],
@@ -239,12 +243,20 @@ def interleave(
         "hooktrain_steps": [],
     }
     for round_ in range(rounds + 1):
-        for name in ("plain", "hooktrain") if round_ % 2 == 0 else ("hooktrain", "plain"):
-            ends = segments[name]()
-            if round_ > 0:
-                results[name].append((steps - 1) * batch / (ends[-1] - ends[0]))
-                results[f"{name}_steps"].append([b - a for a, b in itertools.pairwise(ends)])
-    trainer.callbacks.remove(clock)
+        turns.hooktrain_ends.clear()
+        turns.plain_ends.clear()
+        trainer.state.max_steps += steps
+        trainer.fit()
+        if round_ == 0:
+            continue  # warm-up
+        ends = {"hooktrain": turns.hooktrain_ends, "plain": turns.plain_ends}
+        starts = {"hooktrain": turns.plain_ends[:-1], "plain": turns.hooktrain_ends[1:]}
+        for name in ("plain", "hooktrain"):
+            pairs = zip(starts[name], ends[name][1:], strict=True)
+            durations = [end - start for start, end in pairs]
+            results[f"{name}_steps"].append(durations)
+            results[name].append(len(durations) * batch / sum(durations))
+    trainer.callbacks.remove(turns)
     return results
 
 

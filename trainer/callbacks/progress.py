@@ -57,10 +57,11 @@ class ProgressBar(Callback):
         self._draw(state)
 
     def _draw(self, state: TrainState) -> None:
-        fields = {"epoch": state.epoch}
-        if "train/loss" in state.metrics:
-            fields["loss"] = f"{state.metrics['train/loss']:.4f}"
-            fields["speed"] = f"{state.metrics['train/samples_per_second']:,.0f}"
+        fields, metrics = {"epoch": state.epoch}, state.metrics
+        if "train/loss" in metrics:
+            fields["loss"] = f"{metrics['train/loss']:.4f}"
+        if "train/samples_per_second" in metrics:
+            fields["speed"] = f"{metrics['train/samples_per_second']:,.0f}"
         self.progress.update(self.task, completed=state.step, refresh=True, **fields)
 
     def on_fit_end(self, state: TrainState) -> None:
