@@ -36,3 +36,21 @@ def test_quick_benchmark_prints_its_tables(script, rows):
         assert row in done.stdout, done.stdout
     ratios = [float(x) for x in RATIO.findall(done.stdout)]
     assert ratios and all(0.1 < r < 10 for r in ratios), done.stdout
+
+
+def test_the_gpu_benchmark_harness_runs_on_cpu():
+    """bench_gpu's real target is a CUDA machine; on CPU its harness (the CLI runs, one under
+    torchrun, and the table read from their summary.json) still runs end to end."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_gpu", "--device", "cpu", "--quick"],
+        cwd=REPO_ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| fp32 |")]
+    assert len(rows) == 1 and "| DDP x1 | 1 |" in done.stdout, done.stdout
+    tokens_per_second = float(rows[0].split("|")[4].replace(",", ""))
+    assert tokens_per_second > 0 and rows[0].split("|")[6].strip() == "-"  # no MFU on CPU
