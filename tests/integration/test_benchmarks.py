@@ -17,12 +17,8 @@ pytestmark = pytest.mark.slow
 RATIO = re.compile(r"\*\*(\d+\.\d+)x\*\*")
 
 
-@pytest.mark.parametrize(
-    ("script", "rows"),
-    [("bench_loop", ["| mlp | 256 |", "Fresh processes"]), ("bench_ddp", ["| mlp | 512 |"])],
-)
-def test_quick_benchmark_prints_its_tables(script, rows):
-    args = ["--quick", "--models", "mlp"] if script == "bench_loop" else ["--quick"]
+def run_benchmark(script: str, *args: str) -> str:
+    """`python -m benchmarks.<script> <args>` from the repository root; its stdout."""
     done = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{script}", *args],
         cwd=REPO_ROOT,
@@ -32,25 +28,27 @@ def test_quick_benchmark_prints_its_tables(script, rows):
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "rows"),
+    [("bench_loop", ["| mlp | 256 |", "Fresh processes"]), ("bench_ddp", ["| mlp | 512 |"])],
+)
+def test_quick_benchmark_prints_its_tables(script, rows):
+    args = ["--quick", "--models", "mlp"] if script == "bench_loop" else ["--quick"]
+    out = run_benchmark(script, *args)
     for row in rows:
-        assert row in done.stdout, done.stdout
-    ratios = [float(x) for x in RATIO.findall(done.stdout)]
-    assert ratios and all(0.1 < r < 10 for r in ratios), done.stdout
+        assert row in out, out
+    ratios = [float(x) for x in RATIO.findall(out)]
+    assert ratios and all(0.1 < r < 10 for r in ratios), out
 
 
 def test_the_gpu_benchmark_harness_runs_on_cpu():
     """bench_gpu's real target is a CUDA machine; on CPU its harness (the CLI runs, one under
     torchrun, and the table read from their summary.json) still runs end to end."""
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_gpu", "--device", "cpu", "--quick"],
-        cwd=REPO_ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| fp32 |")]
-    assert len(rows) == 1 and "| DDP x1 | 1 |" in done.stdout, done.stdout
+    out = run_benchmark("bench_gpu", "--device", "cpu", "--quick")
+    rows = [line for line in out.splitlines() if line.startswith("| fp32 |")]
+    assert len(rows) == 1 and "| DDP x1 | 1 |" in out, out
     tokens_per_second = float(rows[0].split("|")[4].replace(",", ""))
     assert tokens_per_second > 0 and rows[0].split("|")[6].strip() == "-"  # no MFU on CPU
