@@ -1,6 +1,6 @@
 """hooktrain `parallel=ddp` against a plain DistributedDataParallel loop: 2 processes, gloo, CPU.
 
-    python -m benchmarks.bench_ddp            # ~7 minutes on 2 CPU cores
+    python -m benchmarks.bench_ddp            # ~8 minutes on 2 CPU cores
     python -m benchmarks.bench_ddp --quick    # smoke run: a few steps
 
 Both loops run in the same 2 processes, started once by `trainer.distributed.launch.launch`

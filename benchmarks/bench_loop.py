@@ -1,8 +1,8 @@
 """hooktrain against a plain PyTorch loop in one process: throughput, peak memory, time to first step.
 
-    python -m benchmarks.bench_loop            # ~6 minutes on 2 CPU cores
+    python -m benchmarks.bench_loop            # ~10 minutes on 2 CPU cores
     python -m benchmarks.bench_loop --quick    # smoke run: a few steps, one fresh-process pair
-    python -m benchmarks.bench_loop --identical --models mlp transformer   # A/A, ~3 minutes
+    python -m benchmarks.bench_loop --identical --models mlp transformer   # A/A, ~4 minutes
 
 Workloads: the mlp, cnn, gru and transformer recipes on synthetic (1, 32, 32) images, 10 classes,
 with the batch sizes in `benchmarks.common.BATCH`. hooktrain runs its default job (`recipes/`:
