@@ -4,10 +4,11 @@
     python -m benchmarks.bench_ddp --quick    # smoke run: a few steps
 
 Both loops run in the same 2 processes, started once by `trainer.distributed.launch.launch`
-(torchrun's elastic engine), one intra-op thread each, on one process group, in alternating
-segments (`benchmarks.common.interleave`), in blocks with both loops built afresh. The plain
-loop (`benchmarks.common.PlainLoop`): `DistributedDataParallel`,
-`DistributedSampler(num_replicas=2)`, gloo. hooktrain: `build_trainer`
+(torchrun's elastic engine), one intra-op thread each, on one process group, alternating step
+by step (`benchmarks.common.interleave`), in blocks with a freshly built trainer. The plain loop
+(`benchmarks.common.PlainLoop`) trains the trainer's own `DistributedDataParallel` model with
+its optimizer (`--separate-builds`: its own), drawing from `DistributedSampler(num_replicas=2)`,
+gloo. hooktrain: `build_trainer`
 with `parallel=ddp parallel.backend=gloo` (`ParallelConfig(strategy="ddp", backend="gloo")`) and
 its default callbacks and loggers (rank 0). Workloads as in bench_loop with
 `benchmarks.common.BATCH` per process, so the global batch is twice that; samples/s are global,
