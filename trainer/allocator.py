@@ -15,7 +15,6 @@ before start; it does nothing where the C library is not glibc.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -25,12 +24,12 @@ TRIM_THRESHOLD = 2**30  # give free heap memory back only above 1 GiB
 
 def keep_freed_memory() -> bool:
     """Set the thresholds for this whole process; True if the C library took them."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False  # not glibc (musl, macOS): nothing to set
+        # The running process's own symbols, the C library's among them: no search for the
+        # library file (`ctypes.util.find_library` runs ldconfig or a compiler to find it).
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False  # no mallopt (macOS, Windows): nothing to set
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )

@@ -176,9 +176,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA only)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    keep_freed_memory: bool = (
-        True  # CPU: malloc keeps freed blocks for reuse (trainer/allocator.py)
-    )
+    # CPU: malloc keeps freed blocks for reuse instead of faulting them back in each step
+    # (trainer/allocator.py).
+    keep_freed_memory: bool = True
     max_epochs: int = 15
     max_steps: int = -1  # optimizer steps; -1 means max_epochs decides
     grad_accum_steps: int = 1
