@@ -111,8 +111,8 @@ def fresh_process(model: str, variant: str, steps: int) -> dict[str, float]:
                 *cli_overrides(model, steps),
                 f"hydra.run.dir={run_dir}",
                 "allowed_targets=[trainer.,torch.optim.,torch.nn.,benchmarks.]",
-                "+callbacks.clock._target_=benchmarks.common.StepClock",
-                f"+callbacks.clock.report={report}",
+                "+callbacks.probe._target_=benchmarks.common.FirstStepProbe",
+                f"+callbacks.probe.report={report}",
                 *(["logger=none"] if variant.endswith("logger=none") else []),
             ]
         else:

@@ -171,14 +171,13 @@ class PlainAsTrainer:
 
 
 # ------------------------------------------------------------------------------ measuring
-class StepClock(Callback):
-    """Notes the time at the end of every step: hooktrain calls it as its last callback, the plain
-    loop by hand. With `report` (a path), it writes at fit end what a fresh process measures: the
-    wall-clock time the first step ended, the RSS just before the first step, and the peak RSS."""
+class FirstStepProbe(Callback):
+    """What a fresh process measures, written to `report` (a path) at fit end: the wall-clock time
+    the first step ended, the RSS just before the first step, and the peak RSS. hooktrain calls it
+    as its last callback, the plain loop's own process by hand."""
 
-    def __init__(self, report: str | None = None) -> None:
+    def __init__(self, report: str) -> None:
         self.report = report
-        self.ends: list[float] = []  # time.perf_counter() at the end of each step
         self.first_step_wall: float | None = None
         self.rss_before_first_step_mib: float | None = None
 
@@ -187,18 +186,16 @@ class StepClock(Callback):
             self.rss_before_first_step_mib = rss_mib()
 
     def on_step_end(self, state: Any = None) -> None:
-        self.ends.append(time.perf_counter())
         if self.first_step_wall is None:
             self.first_step_wall = time.time()
 
     def on_fit_end(self, state: Any = None) -> None:
-        if self.report:
-            facts = {
-                "first_step_wall": self.first_step_wall,
-                "rss_before_first_step_mib": self.rss_before_first_step_mib,
-                "peak_rss_mib": peak_rss_mib(),
-            }
-            Path(self.report).write_text(json.dumps(facts))
+        facts = {
+            "first_step_wall": self.first_step_wall,
+            "rss_before_first_step_mib": self.rss_before_first_step_mib,
+            "peak_rss_mib": peak_rss_mib(),
+        }
+        Path(self.report).write_text(json.dumps(facts))
 
 
 class AlternatingPlainStep(Callback):
@@ -291,10 +288,9 @@ def per_position_ratio(results: dict[str, Any], cycle: int) -> float:
     cycle (step k of the segment, k mod `cycle`; segments are whole cycles long).
 
     On a shared VM step times have a long tail of stalls, which dominate means and per-segment
-    figures. The
-    median of each position is robust to them and still charges the loop's periodic work (log
-    steps are one position in `cycle`) to hooktrain; the cycle's time is the sum of those
-    medians."""
+    figures. The median of each position is robust to them and still charges the loop's work of
+    once a cycle (log steps are one position in `cycle`) to hooktrain; the cycle's time is the
+    sum of those medians."""
 
     def cycle_seconds(segments: list[list[float]]) -> float:
         by_position: dict[int, list[float]] = {}
@@ -325,9 +321,9 @@ def comparison(blocks: list[dict[str, Any]], cycle: int) -> list[str]:
     built loops: median samples/s of each loop over all segments; the headline, the median over
     blocks of `per_position_ratio`, and its range; the median of all per-round ratios.
 
-    Fresh loops per block because one pair of builds carries a bias of its own (most likely
-    where the tensors land in memory): `bench_loop --identical` shows identical loops' per-block
-    ratios spreading far wider than their median over blocks. The median averages it out."""
+    A fresh trainer per block because one build carries a bias of its own (where its tensors
+    land in memory), which the median over blocks averages out; with `--separate-builds`, where
+    each loop has its own, `bench_loop --identical` shows that bias at up to ±20% a block."""
     ratios = [per_position_ratio(block, cycle) for block in blocks]
     rounds = [
         h / p for block in blocks for p, h in zip(block["plain"], block["hooktrain"], strict=True)
@@ -398,10 +394,10 @@ def machine() -> str:
 
 if __name__ == "__main__":
     # The plain loop in its own process: python -m benchmarks.common SPEC_JSON REPORT_PATH
-    spec, clock = json.loads(sys.argv[1]), StepClock(report=sys.argv[2])
+    spec, probe = json.loads(sys.argv[1]), FirstStepProbe(report=sys.argv[2])
     loop = PlainLoop(spec)
     for _ in range(spec["steps"]):
-        clock.on_step_start()
+        probe.on_step_start()
         loop.step()
-        clock.on_step_end()
-    clock.on_fit_end()
+        probe.on_step_end()
+    probe.on_fit_end()
