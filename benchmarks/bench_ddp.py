@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_ddp            # ~8 minutes on 2 CPU cores
     python -m benchmarks.bench_ddp --quick    # smoke run: a few steps
+    python -m benchmarks.bench_ddp --identical --models mlp   # A/A, ~1.5 minutes
 
 Both loops run in the same 2 processes, started once by `trainer.distributed.launch.launch`
 (torchrun's elastic engine), one intra-op thread each, on one process group, alternating step
@@ -37,6 +38,8 @@ from benchmarks.common import (  # noqa: E402
     PlainLoop,
     comparison,
     hooktrain_config,
+    identical_blocks,
+    identical_table,
     interleaved_blocks,
     load_average,
     machine,
@@ -53,11 +56,15 @@ from trainer.distributed.launch import launch  # noqa: E402
 NPROC = 2
 
 
-def _rank(cfgs: dict, blocks: int, rounds: int, steps: int, share: bool) -> dict:
-    """One rank: each model's plain and hooktrain segments, interleaved on one process group, in
-    `blocks` blocks with both loops built afresh."""
+def _rank(cfgs: dict, blocks: int, rounds: int, steps: int, share: bool, identical: bool) -> dict:
+    """One rank: each model's plain and hooktrain segments (`identical`: two plain loops),
+    interleaved on one process group, in `blocks` blocks with both loops built afresh."""
     torch.set_num_threads(1)
     with distributed("cpu", "gloo", 300) as env:
+        if identical:
+            return {
+                m: identical_blocks(cfg, blocks, rounds, steps, share) for m, cfg in cfgs.items()
+            }
         return {
             model: interleaved_blocks(cfg, env, blocks, rounds, steps, share)
             for model, cfg in cfgs.items()
@@ -118,6 +125,11 @@ def main() -> None:
         help="first wait (<= 10 min) until the 1-minute load average is below this",
     )
     parser.add_argument(
+        "--identical",
+        action="store_true",
+        help="instead, measure the plain DDP loop against itself (A/A: the measurement's own error)",
+    )
+    parser.add_argument(
         "--separate-builds",
         action="store_true",
         help="the plain loop builds its own model, optimizer and data (see interleaved_blocks)",
@@ -136,7 +148,11 @@ def main() -> None:
         m: hooktrain_config(m, total, "parallel=ddp", "parallel.backend=gloo") for m in args.models
     }
     share = not args.separate_builds
-    ddp = launch(_rank, NPROC, cfgs, args.blocks, args.rounds, args.steps, share)[0]
+    ddp = launch(_rank, NPROC, cfgs, args.blocks, args.rounds, args.steps, share, args.identical)[0]
+    if args.identical:
+        print(f"Plain DDP loop against itself, {args.blocks} blocks of {args.rounds} rounds:\n")
+        print(identical_table(ddp, next(iter(cfgs.values())).log_every_steps))
+        return
     rows = [
         [m, NPROC * cfg.data.batch_size, *comparison(ddp[m], cfg.log_every_steps)]
         for m, cfg in cfgs.items()

@@ -27,7 +27,6 @@ grad_clip 1.0) with validation, test and checkpoints off; the plain loop
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -45,18 +44,16 @@ from benchmarks.common import (  # noqa: E402
     BENCH_ENV,
     COMPARISON,
     REPO,
-    PlainAsTrainer,
-    PlainLoop,
     cli_overrides,
     comparison,
     hooktrain_config,
-    interleave,
+    identical_blocks,
+    identical_table,
     interleaved_blocks,
     load_average,
     machine,
     markdown_table,
     median,
-    per_position_ratio,
     plain_spec,
     pooled,
     wait_for_quiet,
@@ -83,20 +80,11 @@ def throughput(models: list[str], blocks: int, rounds: int, steps: int, share: b
 def identical_loops(models: list[str], blocks: int, rounds: int, steps: int, separate: bool) -> str:
     """The same measurement with the plain loop on both sides: its distance from 1.0x is the
     measurement's own error on this machine."""
-    rows = []
-    for model in models:
-        cfg = hooktrain_config(model, steps * (rounds + 1))
-        results = []
-        for _ in range(blocks):
-            plain = PlainLoop(plain_spec(cfg))
-            twin = PlainAsTrainer(PlainLoop(plain_spec(cfg), share=None if separate else plain))
-            gc.collect()
-            results.append(interleave(plain, twin, rounds, steps, cfg.data.batch_size))
-        ratios = [per_position_ratio(block, cfg.log_every_steps) for block in results]
-        cells = comparison(results, cfg.log_every_steps)[2:]
-        rows.append([model, " ".join(f"{r:.3f}" for r in ratios), *cells])
-    headers = ["model", "per block", "plain B/plain A", "range over blocks", "median of rounds"]
-    return markdown_table(headers, rows)
+    cfgs = {model: hooktrain_config(model, steps * (rounds + 1)) for model in models}
+    results = {
+        m: identical_blocks(cfg, blocks, rounds, steps, not separate) for m, cfg in cfgs.items()
+    }
+    return identical_table(results, cfgs[models[0]].log_every_steps)
 
 
 def fresh_process(model: str, variant: str, steps: int) -> dict[str, float]:

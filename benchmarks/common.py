@@ -283,6 +283,35 @@ def interleaved_blocks(
     return results
 
 
+def identical_blocks(cfg: Any, blocks: int, rounds: int, steps: int, share: bool = True) -> list:
+    """`interleaved_blocks` with the plain loop on both sides (A/A): the second one, dressed as a
+    trainer (`PlainAsTrainer`), trains the first one's model (with `share`). Run inside the
+    process group when there is one: both loops are then DDP-wrapped, as in `bench_ddp`."""
+    ddp = dist.is_initialized() and dist.get_world_size() > 1
+    results = []
+    for _ in range(blocks):
+        plain = PlainLoop(plain_spec(cfg), ddp=ddp)
+        twin = PlainAsTrainer(PlainLoop(plain_spec(cfg), ddp=ddp, share=plain if share else None))
+        gc.collect()
+        batch = cfg.data.batch_size * (dist.get_world_size() if ddp else 1)
+        results.append(interleave(plain, twin, rounds, steps, batch))
+    return results
+
+
+def identical_table(results: dict[str, list[dict]], cycle: int) -> str:
+    """The A/A table: for each model, each block's ratio, then `comparison`'s ratio cells."""
+    rows = [
+        [
+            model,
+            " ".join(f"{per_position_ratio(block, cycle):.3f}" for block in blocks),
+            *comparison(blocks, cycle)[2:],
+        ]
+        for model, blocks in results.items()
+    ]
+    headers = ["model", "per block", "plain B/plain A", "range over blocks", "median of rounds"]
+    return markdown_table(headers, rows)
+
+
 def per_position_ratio(results: dict[str, Any], cycle: int) -> float:
     """hooktrain/plain throughput from the median duration of each step position in the logging
     cycle (step k of the segment, k mod `cycle`; segments are whole cycles long).

@@ -26,7 +26,14 @@ from trainer.callbacks.base import Callback
 from trainer.config import TrainConfig
 from trainer.data.loaders import start_epoch
 from trainer.distributed.clip import clip_grad_norm_, grad_norm, has_dtensors
-from trainer.distributed.env import DistEnv, all_reduce_max, all_reduce_sum, any_rank, dtype_of
+from trainer.distributed.env import (
+    DistEnv,
+    all_reduce_max,
+    all_reduce_sum,
+    any_rank,
+    dtype_of,
+    start_all_reduce_sum,
+)
 from trainer.distributed.parallelize import unwrap
 from trainer.loggers.base import Logger
 from trainer.state import TrainState, rate_metrics
@@ -102,6 +109,7 @@ class Trainer:
         self.skipped_steps = 0
         self.preempted_by: str | None = None  # the signal's name once SIGTERM/SIGUSR1 arrived
         self.save_on_stop = False  # a stop that must leave a checkpoint (signal, nonfinite=stop)
+        self.stop_at_once = False  # a stop every rank asked for at the same step (nonfinite=stop)
         self._window = _Window()
 
     # ---------------------------------------------------------------------------- fit
@@ -133,9 +141,10 @@ class Trainer:
         self._call("on_epoch_start")
         for batches in _in_groups(self.train_loader, cfg.grad_accum_steps):
             self._call("on_step_start")
+            log_step = self._should_log(state.step + 1)
             started = time.perf_counter()
-            loss = self.train_step(batches)
-            samples = _samples(batches) * self.env.dp_size
+            self.train_step(batches, log_step=log_step)
+            samples = self._global_samples(batches)
             if self.first_step_done is None:
                 self.first_step_done = time.time()
             else:
@@ -144,18 +153,19 @@ class Trainer:
             state.step += 1
             state.batches_in_epoch += len(batches)
             state.samples_seen += samples
-            self._window.add(loss, samples)
-            if self._should_log():
-                state.log(self._window.reduce(self.env))
+            agreed = None
+            if log_step:
+                metrics, agreed = self._window.receive(self.env)
+                state.log(metrics)
                 state.log({**rate_metrics(self.optimizer), "epoch": state.epoch})
             self._call("on_step_end")
-            if self._should_log():
+            if log_step:
                 self._flush_logs()
             if self.cfg.gc_every_steps and state.step % self.cfg.gc_every_steps == 0:
                 gc.collect(1)  # the young generations: ~0.1 ms here, where a full pass takes ~150
             if self.checkpointer is not None:
                 self.checkpointer.maybe_save(self)
-            if state.step >= state.max_steps or (self._stop_check_due() and self._agree_to_stop()):
+            if state.step >= state.max_steps or self._stop_now(agreed):
                 break
         # A stop inside the epoch leaves it open, so that a resume continues inside it.
         if state.batches_in_epoch >= self.batches_per_epoch:
@@ -172,10 +182,11 @@ class Trainer:
         self._agree_to_stop()
 
     # ---------------------------------------------------------------------------- one step
-    def train_step(self, batches: Sequence[Batch]) -> torch.Tensor:
+    def train_step(self, batches: Sequence[Batch], log_step: bool = False) -> torch.Tensor:
         """Forward and backward over the micro-batches, then one optimizer step. Returns the mean
-        loss as a tensor; its `.item()` waits for log steps. The step syncs with the host once,
-        for the finiteness check of the gradient norm."""
+        loss as a tensor and adds it to the loss window, which a log step (`log_step`) sends to
+        the other ranks. The step syncs with the host once, for the finiteness check of the
+        gradient norm."""
         # Weight each micro-batch by its share of the step's samples, so that accumulation equals
         # one step on the combined batch even when the epoch's last micro-batch is short.
         count = sum(targets.numel() for _, targets in batches) if len(batches) > 1 else 0
@@ -185,18 +196,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for i, (inputs, targets) in enumerate(batches):
+            last = i == len(batches) - 1
             inputs = inputs.to(self.env.device, non_blocking=True)
             targets = targets.to(self.env.device, non_blocking=True)
             # Gradients are reduced across ranks in backward; during accumulation only the last
             # micro-batch should. DDP decides in forward, FSDP2 in backward: both sit inside.
-            with self._sync_gradients(i == len(batches) - 1):
+            with self._sync_gradients(last):
                 with self._autocast():
                     loss = flat_cross_entropy(self.model(inputs), targets)
                 if len(batches) > 1:
                     loss = loss * (targets.numel() / count)
+                losses.append(loss.detach())
+                if last:
+                    total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+                    self._window.add(total, self._global_samples(batches))
+                    if log_step:
+                        # Sent before the backward whose gradient all-reduce every rank waits
+                        # for anyway, this all-reduce completes under that wait: it adds no
+                        # point where the ranks wait for each other (~1-2 ms each over gloo).
+                        self._window.send(self._stop_flags())
                 self.scaler.scale(loss).backward()
-            losses.append(loss.detach())
-        total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         if self.cfg.grad_clip > 0:
             norm = self._clip(self.model.parameters(), self.cfg.grad_clip)
@@ -228,6 +247,7 @@ class Trainer:
         if policy == "stop":
             state.request_stop(f"{what}; stopped with a checkpoint (nonfinite=stop)")
             self.save_on_stop = True
+            self.stop_at_once = True  # every rank sees the same global norm: no need to agree
             return False
         raise FloatingPointError(f"{what}; set nonfinite=skip or nonfinite=stop to go on")
 
@@ -281,32 +301,47 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, hook)(self.state)
 
-    def _should_log(self) -> bool:
-        step = self.state.step
+    def _should_log(self, step: int) -> bool:
         return step % self.cfg.log_every_steps == 0 or step == self.state.max_steps
+
+    def _global_samples(self, batches: Sequence[Batch]) -> int:
+        """The step's samples over all data-parallel ranks."""
+        local = len(batches[0][0]) if len(batches) == 1 else sum(len(b[0]) for b in batches)
+        return local * self.env.dp_size
 
     def _flush_logs(self) -> None:
         if self.state.unlogged and self.env.is_global_zero:
             self.logger.log_metrics(dict(self.state.unlogged), self.state.step)
         self.state.unlogged.clear()
 
-    def _stop_check_due(self) -> bool:
-        # Agreeing is an all-reduce, ~1-2 ms over gloo: up to a tenth of a small CPU DDP step,
-        # and a second sync point per step beside DDP's own. One process agrees with itself for
-        # free on every step; ranks agree on log steps (and at each epoch's end), so a stop asked
-        # for between them lands at most log_every_steps - 1 steps later, on every rank alike.
-        return not self.env.is_distributed or self._should_log()
+    def _stop_now(self, agreed: list[bool] | None) -> bool:
+        """Whether every rank stops after this step. One process decides alone, after every step.
+        Ranks decide on log steps (and at each epoch's end), by the flags that went out with the
+        loss window before this step's backward: a stop asked for on any rank lands on every rank
+        at the first log step that starts after it, at most `log_every_steps` steps later."""
+        if self.stop_at_once:
+            return True
+        if not self.env.is_distributed:
+            agreed = self._stop_flags()
+        return agreed is not None and self._adopt(*agreed)
 
     def _agree_to_stop(self) -> bool:
         """Every rank stops, and saves, if any rank asked to (one tiny all-reduce)."""
+        return self._adopt(*any_rank(self._stop_flags(), self.env.device))
+
+    def _stop_flags(self) -> list[bool]:
+        """This rank's [stop, save]: what it asks the others to agree to."""
         state = self.state
         if self.preempted_by and not state.should_stop:
             state.request_stop(f"received {self.preempted_by}: saved a checkpoint and stopped")
             self.save_on_stop = True
-        stop, save = any_rank([state.should_stop, self.save_on_stop], self.env.device)
-        if stop and not state.should_stop:
-            state.request_stop("another rank requested a stop")
-        self.save_on_stop = save
+        return [state.should_stop, self.save_on_stop]
+
+    def _adopt(self, stop: bool, save: bool) -> bool:
+        """Take on the ranks' agreed [stop, save]; a save asked for here since is kept."""
+        if stop and not self.state.should_stop:
+            self.state.request_stop("another rank requested a stop")
+        self.save_on_stop = self.save_on_stop or save
         return stop
 
     def _sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
@@ -334,27 +369,39 @@ class Trainer:
 
 
 class _Window:
-    """Training loss and throughput since the last log step, reduced across ranks on demand."""
+    """Training loss and throughput since the last log step. On a log step its loss sum goes to
+    the other ranks with their stop flags, in one all-reduce started by `send` and read by
+    `receive`."""
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []  # summed on log steps: no tensor op per step
         self.samples = 0
         self.started = time.perf_counter()
+        self._sent: tuple[torch.Tensor, Any] | None = None
 
     def add(self, loss: torch.Tensor, samples: int) -> None:
         self.losses.append(loss)
         self.samples += samples
 
-    def reduce(self, env: DistEnv) -> dict[str, float]:
+    def send(self, flags: list[bool]) -> None:
         loss_sum = torch.stack(self.losses).sum(dtype=torch.float64).reshape(1)
-        summed = all_reduce_sum(loss_sum, env.dp_group)
+        values = torch.cat([loss_sum, loss_sum.new_tensor([float(f) for f in flags])])
+        self._sent = values, start_all_reduce_sum(values)
+
+    def receive(self, env: DistEnv) -> tuple[dict[str, float], list[bool]]:
+        """The window's metrics, and the stop flags each true if any rank's was."""
+        values, work = self._sent
+        if work is not None:
+            work.wait()
+        loss_sum, *flags = values.tolist()
         seconds = time.perf_counter() - self.started
+        # Summed over every rank: tensor-parallel ranks share a batch and count it once each.
         metrics = {
-            "train/loss": summed.item() / (len(self.losses) * env.dp_size),
+            "train/loss": loss_sum / (len(self.losses) * env.world_size),
             "train/samples_per_second": self.samples / max(seconds, 1e-9),
         }
         self.__init__()
-        return metrics
+        return metrics, [flag > 0 for flag in flags]
 
 
 @contextlib.contextmanager
@@ -405,10 +452,6 @@ def _padded(loader: DataLoader, count: int) -> Iterator[Batch]:
         batch = [t.unsqueeze(0) for t in loader.dataset.dataset[0]]
     for _ in range(count - len(loader)):
         yield [t[:0] for t in batch]
-
-
-def _samples(batches: Sequence[Batch]) -> int:
-    return len(batches[0][0]) if len(batches) == 1 else sum(len(b[0]) for b in batches)
 
 
 def _in_groups(loader: Iterable[Batch], size: int) -> Iterator[list[Batch]]:

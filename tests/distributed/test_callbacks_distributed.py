@@ -227,3 +227,49 @@ def test_fsdp_transformer_schedule_stop_and_restore_best_weights(results):
     assert r0["checks"] == r1["checks"] and len(r0["checks"]) == 2
     assert math.isfinite(r0["checks"][0][1])
     assert r0["stop_reason"] == r1["stop_reason"] and r0["es_state"] == r1["es_state"]
+
+
+# ------------------------------------------------------------------------------ stop agreement
+
+
+class StopOnRank1(Callback):
+    """Asks for a stop on rank 1 only, in `on_step_end` of step `at`."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, state: Any) -> None:
+        if state.rank == 1 and state.step == self.at:
+            state.request_stop(f"rank 1 at step {self.at}")
+
+
+def _stop_worker(out_dir: str) -> dict[int, tuple[int, str]]:
+    """For each step at which rank 1 asks: (the step this rank stopped at, its reason)."""
+    from tests.helpers import make_config
+
+    seen = {}
+    with distributed("cpu", "gloo", 60) as env:
+        for at in (3, 4):
+            # 32 steps an epoch, so that no epoch's end (where ranks also agree) comes first.
+            cfg = make_config(
+                dataset={"num_samples": 2560},
+                parallel=ParallelConfig(strategy="ddp", backend="gloo", timeout_s=60),
+                max_epochs=1,
+                log_every_steps=4,
+            )
+            trainer, _ = build_trainer(cfg, env, Path(out_dir) / f"at{at}_rank{env.rank}")
+            trainer.callbacks.append(StopOnRank1(at))
+            state = trainer.fit()
+            seen[at] = (state.step, state.stop_reason)
+    return seen
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_asked_on_one_rank_lands_on_both_at_the_next_log_step(tmp_path):
+    """The stop flags go out with the loss window before a log step's backward: a stop asked for
+    in step 3 lands at log step 4; one asked for in log step 4's `on_step_end`, after its flags
+    went out, lands at log step 8. The rank that did not ask is told why."""
+    results = launch(_stop_worker, WORLD, str(tmp_path))
+    r0, r1 = results[0], results[1]
+    assert r1 == {3: (4, "rank 1 at step 3"), 4: (8, "rank 1 at step 4")}
+    assert r0 == {3: (4, "another rank requested a stop"), 4: (8, "another rank requested a stop")}

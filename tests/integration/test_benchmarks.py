@@ -32,12 +32,15 @@ def run_benchmark(script: str, *args: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("script", "rows"),
-    [("bench_loop", ["| mlp | 256 |", "Fresh processes"]), ("bench_ddp", ["| mlp | 512 |"])],
+    ("script", "args", "rows"),
+    [
+        ("bench_loop", ["--models", "mlp"], ["| mlp | 256 |", "Fresh processes"]),
+        ("bench_ddp", [], ["| mlp | 512 |", "Scaling"]),
+        ("bench_ddp", ["--identical"], ["Plain DDP loop against itself", "| mlp | "]),
+    ],
 )
-def test_quick_benchmark_prints_its_tables(script, rows):
-    args = ["--quick", "--models", "mlp"] if script == "bench_loop" else ["--quick"]
-    out = run_benchmark(script, *args)
+def test_quick_benchmark_prints_its_tables(script, args, rows):
+    out = run_benchmark(script, "--quick", *args)
     for row in rows:
         assert row in out, out
     ratios = [float(x) for x in RATIO.findall(out)]

@@ -134,12 +134,12 @@ def test_progress_bar_shows_loss_throughput_and_the_last_step(tmp_path, capsys):
 
 def test_progress_bar_draws_at_most_at_its_refresh_rate(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # draw every update, as on a terminal
-    # A rate of one draw a day: the first step draws, then nothing until the end of the fit.
+    # A rate of one draw a day: the bar is drawn as the fit starts and as it ends, never between.
     trainer = make_trainer(tmp_path, callbacks=[ProgressBar(refresh_per_second=1e-5)])
     trainer.fit()
     drawn = capsys.readouterr().err
-    assert " 1/16" in drawn and "16/16" in drawn
-    assert not any(f" {step}/16" in drawn for step in range(2, 16))
+    assert " 0/16" in drawn and "16/16" in drawn
+    assert not any(f" {step}/16" in drawn for step in range(1, 16))
 
 
 def test_progress_bar_draws_nothing_on_other_ranks(tmp_path, capsys):

@@ -20,11 +20,13 @@ class Callback:
             for each optimizer step (grad_accum_steps micro-batches):
                 on_step_start
                 forward, backward, clip, optimizer.step()
+                                          (on log steps, ranks all-reduce the loss window
+                                          and should_stop before the last backward)
                 state.step += 1
                 on_step_end               state.metrics holds "train/loss" on log steps
                 log metrics, save a checkpoint when due,
-                agree on should_stop          (every step in one process; on log steps
-                                              across ranks, where it is an all-reduce)
+                stop if should_stop       (every step in one process; across ranks, on log
+                                          steps, if any rank's went out with the loss window)
             validate -> on_eval_end       state.metrics holds "val/loss", "val/accuracy"
             on_epoch_end
             agree on should_stop
@@ -38,7 +40,7 @@ class Callback:
 
     Callbacks run in config order. To stop, call `state.request_stop(reason)`: the loop reduces
     the request across ranks so that every rank stops after the same step (under torchrun, the
-    next log step or epoch end). To log, call
+    first log step that starts after the request, or the epoch's end). To log, call
     `state.log({...})`. `state.measure("val")` evaluates quietly (every rank must call it).
     Whatever `state_dict()` returns is saved in checkpoints and handed back to
     `load_state_dict()` on resume; keep it to tensors and plain Python values.

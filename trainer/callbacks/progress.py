@@ -43,15 +43,17 @@ class ProgressBar(Callback):
             loss="-",
             speed="-",
         )
-        self.progress.start()
+        self.progress.start()  # draws the bar once; the next draw is due a period later
+        self._next_update = time.monotonic() + 1.0 / self.refresh_per_second
 
     def on_step_end(self, state: TrainState) -> None:
         if self.progress is None:
             return
         now = time.monotonic()
-        # Drawing the bar costs ~1 ms of the training thread: at most refresh_per_second times a
-        # second, showing the newest loss logged by then.
-        if now < self._next_update and state.step < state.max_steps:
+        # Drawing the bar costs ~1 ms of the training thread (more on a busy machine): at most
+        # refresh_per_second times a second, showing the newest loss logged by then. on_fit_end
+        # draws the last step.
+        if now < self._next_update:
             return
         self._next_update = now + 1.0 / self.refresh_per_second
         self._draw(state)

@@ -103,6 +103,14 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
     return tensor
 
 
+def start_all_reduce_sum(tensor: torch.Tensor) -> dist.Work | None:
+    """Start summing `tensor` over all ranks in place; `.wait()` the work returned (None: one
+    process) before reading it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+    return None
+
+
 def all_reduce_max(value: int, device: torch.device) -> int:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
