@@ -41,7 +41,7 @@ BENCH_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TTY_COMPATIBLE": 
 
 
 # ------------------------------------------------------------------------------ hooktrain
-def cli_overrides(model: str, steps: int) -> list[str]:
+def cli_overrides(model: str, steps: int, batch: int | None = None) -> list[str]:
     """`hooktrain` overrides for the benchmark workload: the default job (WarmupCosine, the progress
     bar, TensorBoard + wandb + jsonl, AdamW, grad_clip 1.0) without validation, test or checkpoint."""
     shape = ",".join(map(str, INPUT_SHAPE))
@@ -49,7 +49,7 @@ def cli_overrides(model: str, steps: int) -> list[str]:
         f"model={model}",
         "data=synthetic",
         f"data.dataset.input_shape=[{shape}]",
-        f"data.batch_size={BATCH[model]}",
+        f"data.batch_size={batch or BATCH[model]}",
         "device=cpu",
         f"max_steps={steps}",
         "val_every_epochs=0",
@@ -58,7 +58,7 @@ def cli_overrides(model: str, steps: int) -> list[str]:
     ]
 
 
-def hooktrain_config(model: str, steps: int, *overrides: str) -> Any:
+def hooktrain_config(model: str, steps: int, *overrides: str, batch: int | None = None) -> Any:
     """The `TrainConfig` that `hooktrain <cli_overrides> <overrides>` would run."""
     from hydra import compose, initialize_config_dir
 
@@ -66,7 +66,7 @@ def hooktrain_config(model: str, steps: int, *overrides: str) -> Any:
     from trainer.config import validate
 
     with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[*cli_overrides(model, steps), *overrides])
+        cfg = compose("train", overrides=[*cli_overrides(model, steps, batch), *overrides])
     return validate(cfg)
 
 
