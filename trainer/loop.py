@@ -14,7 +14,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -109,7 +109,8 @@ class Trainer:
         self.skipped_steps = 0
         self.preempted_by: str | None = None  # the signal's name once SIGTERM/SIGUSR1 arrived
         self.save_on_stop = False  # a stop that must leave a checkpoint (signal, nonfinite=stop)
-        self.stop_at_once = False  # a stop every rank asked for at the same step (nonfinite=stop)
+        self._stop_without_agreement = False  # nonfinite=stop: every rank asks at the same step
+        self._agree_after_log_steps = False  # set at fit start, from the callbacks (_stop_now)
         self._window = _Window()
 
     # ---------------------------------------------------------------------------- fit
@@ -119,6 +120,10 @@ class Trainer:
             with _catch_preemption(self), _scheduled_gc(self.cfg.gc_every_steps):
                 if self.checkpointer is not None:
                     self.checkpointer.maybe_resume(self)
+                self._window = _Window()  # throughput is timed from here
+                self._agree_after_log_steps = any(
+                    getattr(cb, "stops_on_log_steps", False) for cb in self.callbacks
+                )
                 self._call("on_fit_start")
                 while state.step < state.max_steps and not state.should_stop:
                     self._train_epoch()
@@ -143,7 +148,9 @@ class Trainer:
             self._call("on_step_start")
             log_step = self._should_log(state.step + 1)
             started = time.perf_counter()
-            self.train_step(batches, log_step=log_step)
+            loss = self.train_step(
+                batches, before_sync=self._start_log_reduce if log_step else None
+            )
             samples = self._global_samples(batches)
             if self.first_step_done is None:
                 self.first_step_done = time.time()
@@ -153,9 +160,10 @@ class Trainer:
             state.step += 1
             state.batches_in_epoch += len(batches)
             state.samples_seen += samples
+            self._window.add(loss, samples)
             agreed = None
             if log_step:
-                metrics, agreed = self._window.receive(self.env)
+                metrics, agreed = self._window.finish_reduce(self.env)
                 state.log(metrics)
                 state.log({**rate_metrics(self.optimizer), "epoch": state.epoch})
             self._call("on_step_end")
@@ -165,7 +173,9 @@ class Trainer:
                 gc.collect(1)  # the young generations: ~0.1 ms here, where a full pass takes ~150
             if self.checkpointer is not None:
                 self.checkpointer.maybe_save(self)
-            if state.step >= state.max_steps or self._stop_now(agreed):
+            # Stop flags are taken on as agreed even on the last step: that keeps the ranks alike
+            # in whether the final checkpoint must be forced (a signal on one rank).
+            if self._stop_now(agreed) or state.step >= state.max_steps:
                 break
         # A stop inside the epoch leaves it open, so that a resume continues inside it.
         if state.batches_in_epoch >= self.batches_per_epoch:
@@ -182,11 +192,15 @@ class Trainer:
         self._agree_to_stop()
 
     # ---------------------------------------------------------------------------- one step
-    def train_step(self, batches: Sequence[Batch], log_step: bool = False) -> torch.Tensor:
+    def train_step(
+        self,
+        batches: Sequence[Batch],
+        before_sync: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         """Forward and backward over the micro-batches, then one optimizer step. Returns the mean
-        loss as a tensor and adds it to the loss window, which a log step (`log_step`) sends to
-        the other ranks. The step syncs with the host once, for the finiteness check of the
-        gradient norm."""
+        loss as a tensor. `before_sync`, if given, is called with that loss just before the
+        backward that reduces gradients across ranks. The step syncs with the host once, for the
+        finiteness check of the gradient norm."""
         # Weight each micro-batch by its share of the step's samples, so that accumulation equals
         # one step on the combined batch even when the epoch's last micro-batch is short.
         count = sum(targets.numel() for _, targets in batches) if len(batches) > 1 else 0
@@ -209,12 +223,8 @@ class Trainer:
                 losses.append(loss.detach())
                 if last:
                     total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-                    self._window.add(total, self._global_samples(batches))
-                    if log_step:
-                        # Sent before the backward whose gradient all-reduce every rank waits
-                        # for anyway, this all-reduce completes under that wait: it adds no
-                        # point where the ranks wait for each other (~1-2 ms each over gloo).
-                        self._window.send(self._stop_flags())
+                    if before_sync is not None:
+                        before_sync(total)
                 self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         if self.cfg.grad_clip > 0:
@@ -247,7 +257,9 @@ class Trainer:
         if policy == "stop":
             state.request_stop(f"{what}; stopped with a checkpoint (nonfinite=stop)")
             self.save_on_stop = True
-            self.stop_at_once = True  # every rank sees the same global norm: no need to agree
+            # The norm is global (DDP's averaged gradients, FSDP2's and TP's reduced norms), so
+            # every rank gets here at this same step: they stop after it without agreeing.
+            self._stop_without_agreement = True
             return False
         raise FloatingPointError(f"{what}; set nonfinite=skip or nonfinite=stop to go on")
 
@@ -314,30 +326,40 @@ class Trainer:
             self.logger.log_metrics(dict(self.state.unlogged), self.state.step)
         self.state.unlogged.clear()
 
+    def _start_log_reduce(self, step_loss: torch.Tensor) -> None:
+        # Started before the backward whose gradient reduction every rank waits for anyway (DDP's
+        # all-reduce, FSDP2's reduce-scatter), this all-reduce completes under that wait instead
+        # of adding one of its own (~1-2 ms each over gloo on a busy 2-core machine).
+        self._window.start_reduce(step_loss, self._stop_request_flags())
+
     def _stop_now(self, agreed: list[bool] | None) -> bool:
         """Whether every rank stops after this step. One process decides alone, after every step.
-        Ranks decide on log steps (and at each epoch's end), by the flags that went out with the
-        loss window before this step's backward: a stop asked for on any rank lands on every rank
-        at the first log step that starts after it, at most `log_every_steps` steps later."""
-        if self.stop_at_once:
+        Ranks decide on log steps (`agreed` is then not None), by the flags that went out before
+        the step's last backward (`_start_log_reduce`): a stop asked for after that lands on the
+        next log step, or at the epoch's end (`_end_epoch`) if it comes first. Where a callback
+        checks a stop condition on log steps (`Callback.stops_on_log_steps`), ranks agree once
+        more after on_step_end, so that its stop lands on that very step."""
+        if self._stop_without_agreement:
             return True
         if not self.env.is_distributed:
-            agreed = self._stop_flags()
-        return agreed is not None and self._adopt(*agreed)
+            return self._apply_agreed(*self._stop_request_flags())
+        if agreed is not None and self._agree_after_log_steps:
+            return self._agree_to_stop()
+        return agreed is not None and self._apply_agreed(*agreed)
 
     def _agree_to_stop(self) -> bool:
         """Every rank stops, and saves, if any rank asked to (one tiny all-reduce)."""
-        return self._adopt(*any_rank(self._stop_flags(), self.env.device))
+        return self._apply_agreed(*any_rank(self._stop_request_flags(), self.env.device))
 
-    def _stop_flags(self) -> list[bool]:
-        """This rank's [stop, save]: what it asks the others to agree to."""
+    def _stop_request_flags(self) -> list[bool]:
+        """This rank's [stop, save], after turning a preemption signal into a stop request."""
         state = self.state
         if self.preempted_by and not state.should_stop:
             state.request_stop(f"received {self.preempted_by}: saved a checkpoint and stopped")
             self.save_on_stop = True
         return [state.should_stop, self.save_on_stop]
 
-    def _adopt(self, stop: bool, save: bool) -> bool:
+    def _apply_agreed(self, stop: bool, save: bool) -> bool:
         """Take on the ranks' agreed [stop, save]; a save asked for here since is kept."""
         if stop and not self.state.should_stop:
             self.state.request_stop("another rank requested a stop")
@@ -369,35 +391,42 @@ class Trainer:
 
 
 class _Window:
-    """Training loss and throughput since the last log step. On a log step its loss sum goes to
-    the other ranks with their stop flags, in one all-reduce started by `send` and read by
-    `receive`."""
+    """Training loss and throughput since the last log step. On a log step the loss sum, this
+    step's loss included, goes to every rank with the stop flags in one asynchronous all-reduce
+    (`start_reduce`, before the step's last backward), read back after the step
+    (`finish_reduce`)."""
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []  # summed on log steps: no tensor op per step
         self.samples = 0
         self.started = time.perf_counter()
-        self._sent: tuple[torch.Tensor, Any] | None = None
+        self._reducing: tuple[torch.Tensor, Any, int] | None = None  # values, work, loss count
 
     def add(self, loss: torch.Tensor, samples: int) -> None:
         self.losses.append(loss)
         self.samples += samples
 
-    def send(self, flags: list[bool]) -> None:
-        loss_sum = torch.stack(self.losses).sum(dtype=torch.float64).reshape(1)
-        values = torch.cat([loss_sum, loss_sum.new_tensor([float(f) for f in flags])])
-        self._sent = values, start_all_reduce_sum(values)
+    def start_reduce(self, step_loss: torch.Tensor, flags: list[bool]) -> None:
+        losses = [*self.losses, step_loss]
+        values = step_loss.new_zeros(1 + len(flags), dtype=torch.float64)
+        values[0] = torch.stack(losses).sum(dtype=torch.float64)
+        for i, flag in enumerate(flags, start=1):
+            values[i] = float(flag)  # filled on the device: no copy from host memory to wait for
+        self._reducing = values, start_all_reduce_sum(values), len(losses)
 
-    def receive(self, env: DistEnv) -> tuple[dict[str, float], list[bool]]:
-        """The window's metrics, and the stop flags each true if any rank's was."""
-        values, work = self._sent
+    def finish_reduce(self, env: DistEnv) -> tuple[dict[str, float], list[bool]]:
+        """The window's metrics, and the stop flags, each true if any rank's was."""
+        if self._reducing is None:
+            raise RuntimeError("a log step's train_step did not call before_sync")
+        values, work, count = self._reducing
         if work is not None:
             work.wait()
         loss_sum, *flags = values.tolist()
         seconds = time.perf_counter() - self.started
-        # Summed over every rank: tensor-parallel ranks share a batch and count it once each.
         metrics = {
-            "train/loss": loss_sum / (len(self.losses) * env.world_size),
+            # Summed over all ranks. Under tensor parallelism the ranks of one group share a
+            # batch and compute the same loss, so each batch counts tp times: world = dp x tp.
+            "train/loss": loss_sum / (count * env.world_size),
             "train/samples_per_second": self.samples / max(seconds, 1e-9),
         }
         self.__init__()

@@ -49,7 +49,8 @@ class TrainState:
         return self.rank == 0
 
     def request_stop(self, reason: str) -> None:
-        """Ask the loop to stop after the current step. The loop makes every rank agree."""
+        """Ask the loop to stop: in one process after the current step; under torchrun every rank
+        stops after the same, possibly later, step (see `Callback`)."""
         self.should_stop = True
         self.stop_reason = self.stop_reason or reason
 

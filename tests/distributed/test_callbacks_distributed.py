@@ -41,9 +41,10 @@ def _config(case: str) -> TrainConfig:
     es_node: dict[str, Any] = {"_target_": "trainer.callbacks.early_stopping.EarlyStopping"}
     ds_node: dict[str, Any] = {"_target_": "trainer.callbacks.dropout_schedule.DropoutSchedule"}
     if case == "ddp":
-        # Checks on train/loss (reduced over both ranks' batches) at log steps 2, 4, 6, 8:
-        # the first sets the best, min_delta=10 lets nothing improve on it, patience 3 -> step 8.
-        es_node.update(monitor="train/loss", check_on="step", min_delta=10.0, patience=3)
+        # Checks on train/loss (reduced over both ranks' batches) at log steps 2, 4, 6: the
+        # first sets the best, min_delta=10 lets nothing improve on it, patience 2 -> step 6,
+        # inside the first epoch (8 steps), so that no epoch's end makes the ranks agree.
+        es_node.update(monitor="train/loss", check_on="step", min_delta=10.0, patience=2)
         # Only the first dropout module, named through DDP's `module.` prefix.
         ds_node.update(schedule="linear", start_value=0.4, end_value=0.0, pattern=r"^net\.3$")
         model = {"_target_": "trainer.models.MLP", "hidden": [16, 16], "dropout": 0.1}
@@ -192,10 +193,10 @@ def test_ddp_ranks_stop_together_on_the_reduced_train_loss(results):
     r0, r1 = results["ddp"]
     for r in (r0, r1):
         assert r["wrapper"] == "DistributedDataParallel"
-        assert r["step"] == 8 < r["max_steps"]
-        assert r["stop_reason"].startswith("early stopping at step 8: train/loss did not improve")
-        assert r["es_state"]["stopped_step"] == 8 and r["es_state"]["wait_count"] == 3
-        assert [s for s, _ in r["checks"]] == [2, 4, 6, 8]
+        assert r["step"] == 6 < r["max_steps"]
+        assert r["stop_reason"].startswith("early stopping at step 6: train/loss did not improve")
+        assert r["es_state"]["stopped_step"] == 6 and r["es_state"]["wait_count"] == 2
+        assert [s for s, _ in r["checks"]] == [2, 4, 6]
         # The pattern saw the name without DDP's `module.` prefix: one module driven.
         assert r["targets"] == ["net.3.p"]
         T = r["max_steps"]
@@ -232,44 +233,60 @@ def test_fsdp_transformer_schedule_stop_and_restore_best_weights(results):
 # ------------------------------------------------------------------------------ stop agreement
 
 
-class StopOnRank1(Callback):
-    """Asks for a stop on rank 1 only, in `on_step_end` of step `at`."""
+class OnRank1(Callback):
+    """On rank 1 only, before step `at` + 1 (`signal`) or after step `at` (a stop request)."""
 
-    def __init__(self, at: int) -> None:
-        self.at = at
+    def __init__(self, trainer: Any, at: int, signal: bool) -> None:
+        self.trainer, self.at, self.signal = trainer, at, signal
+
+    def on_step_start(self, state: Any) -> None:
+        if self.signal and state.rank == 1 and state.step == self.at:
+            self.trainer.preempted_by = "SIGTERM"  # what the signal handler records
 
     def on_step_end(self, state: Any) -> None:
-        if state.rank == 1 and state.step == self.at:
+        if not self.signal and state.rank == 1 and state.step == self.at:
             state.request_stop(f"rank 1 at step {self.at}")
 
 
-def _stop_worker(out_dir: str) -> dict[int, tuple[int, str]]:
-    """For each step at which rank 1 asks: (the step this rank stopped at, its reason)."""
+def _stop_worker(out_dir: str) -> dict[str, tuple[int, str, list[str]]]:
+    """Per case: the step this rank stopped at, its reason, and the checkpoints in the run."""
     from tests.helpers import make_config
 
     seen = {}
     with distributed("cpu", "gloo", 60) as env:
-        for at in (3, 4):
+        for case, at, signal in (
+            ("request 3", 3, False),
+            ("request 4", 4, False),
+            ("signal", 9, True),
+        ):
             # 32 steps an epoch, so that no epoch's end (where ranks also agree) comes first.
             cfg = make_config(
                 dataset={"num_samples": 2560},
                 parallel=ParallelConfig(strategy="ddp", backend="gloo", timeout_s=60),
-                max_epochs=1,
+                max_steps=10,
                 log_every_steps=4,
             )
-            trainer, _ = build_trainer(cfg, env, Path(out_dir) / f"at{at}_rank{env.rank}")
-            trainer.callbacks.append(StopOnRank1(at))
+            run_dir = Path(out_dir) / case.replace(" ", "_")
+            trainer, _ = build_trainer(cfg, env, run_dir)
+            trainer.callbacks.append(OnRank1(trainer, at, signal))
             state = trainer.fit()
-            seen[at] = (state.step, state.stop_reason)
+            saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+            seen[case] = (state.step, state.stop_reason, saved)
     return seen
 
 
 @pytest.mark.timeout(120)
 def test_a_stop_asked_on_one_rank_lands_on_both_at_the_next_log_step(tmp_path):
-    """The stop flags go out with the loss window before a log step's backward: a stop asked for
-    in step 3 lands at log step 4; one asked for in log step 4's `on_step_end`, after its flags
-    went out, lands at log step 8. The rank that did not ask is told why."""
+    """The stop flags go out before a log step's last backward: a stop asked for in step 3
+    lands at log step 4; one asked for in log step 4's `on_step_end`, after its flags went out,
+    lands at log step 8. A signal on one rank just before the last step (10, a log step, inside
+    the epoch) makes both ranks force the final checkpoint (save_final=false), not one alone."""
     results = launch(_stop_worker, WORLD, str(tmp_path))
     r0, r1 = results[0], results[1]
-    assert r1 == {3: (4, "rank 1 at step 3"), 4: (8, "rank 1 at step 4")}
-    assert r0 == {3: (4, "another rank requested a stop"), 4: (8, "another rank requested a stop")}
+    other = "another rank requested a stop"
+    assert r1["request 3"][:2] == (4, "rank 1 at step 3") and r0["request 3"][:2] == (4, other)
+    assert r1["request 4"][:2] == (8, "rank 1 at step 4") and r0["request 4"][:2] == (8, other)
+    assert r1["signal"][:2] == (10, "received SIGTERM: saved a checkpoint and stopped")
+    assert r0["signal"][:2] == (10, other)
+    for r in (r0, r1):
+        assert r["request 3"][2] == [] and r["signal"][2] == ["step_00000010"]

@@ -177,6 +177,7 @@ def _two_rank_worker(env: DistEnv, run_dir: str, policy: str) -> dict[str, Any]:
         nonfinite=policy,
         max_steps=MAX_STEPS,
         checkpoint={"every_steps": 0, "save_final": False},
+        log_every_steps=4,  # step 5 is no log step: nonfinite=stop needs no agreement to stop
     )
     trainer, _ = build_trainer(cfg, env, Path(run_dir) / policy)
     nan, watch = NaNInput([5], rank=1), WeightWatch()

@@ -19,14 +19,15 @@ class Callback:
             on_epoch_start
             for each optimizer step (grad_accum_steps micro-batches):
                 on_step_start
-                forward, backward, clip, optimizer.step()
-                                          (on log steps, ranks all-reduce the loss window
-                                          and should_stop before the last backward)
+                forward                   (on log steps, ranks then start one all-reduce of
+                                          the loss window and of their should_stop flags)
+                backward, clip, optimizer.step()
                 state.step += 1
                 on_step_end               state.metrics holds "train/loss" on log steps
                 log metrics, save a checkpoint when due,
-                stop if should_stop       (every step in one process; across ranks, on log
-                                          steps, if any rank's went out with the loss window)
+                stop if should_stop       (one process: after any step. Ranks: on log steps,
+                                          if any rank's flag was set when the all-reduce
+                                          started; see `stops_on_log_steps`)
             validate -> on_eval_end       state.metrics holds "val/loss", "val/accuracy"
             on_epoch_end
             agree on should_stop
@@ -39,8 +40,9 @@ class Callback:
     evaluates the test split: on_eval_end fires once more with "test/..." metrics.
 
     Callbacks run in config order. To stop, call `state.request_stop(reason)`: the loop reduces
-    the request across ranks so that every rank stops after the same step (under torchrun, the
-    first log step that starts after the request, or the epoch's end). To log, call
+    the request across ranks so that every rank stops after the same step. Under torchrun that
+    is the next log step whose all-reduce starts after the request (at most `log_every_steps`
+    steps later), or the epoch's end if it comes first. To log, call
     `state.log({...})`. `state.measure("val")` evaluates quietly (every rank must call it).
     Whatever `state_dict()` returns is saved in checkpoints and handed back to
     `load_state_dict()` on resume; keep it to tensors and plain Python values.
@@ -49,6 +51,10 @@ class Callback:
     # True where `on_fit_end` changes the weights for good (pruning makes its zeros permanent):
     # a callback after it that restores earlier weights would undo that.
     edits_weights_at_fit_end = False
+    # True where `on_step_end` checks a stop condition on log steps (step-based early stopping):
+    # under torchrun the loop then agrees on stopping right after each log step's on_step_end
+    # (one more all-reduce), so that the stop lands on that very step on every rank.
+    stops_on_log_steps = False
 
     @classmethod
     def config_order_error(

@@ -26,7 +26,9 @@ Stopping calls ``state.request_stop(reason)``; the reason is kept in ``state.sto
 as ``early_stopping/stopped_step`` (the optimizer step after which the fit ends) and printed on
 rank zero through the ``hooktrain.early_stopping`` logger. Every rank evaluates the same metrics
 (the loop reduces train and validation metrics across ranks before any hook sees them), and the
-loop's all-reduce of ``should_stop`` ends all ranks after the same step in any case.
+loop's all-reduce of ``should_stop`` ends all ranks after the same step in any case: with
+``check_on="step"`` (``stops_on_log_steps``) right after the check's log step, with
+``check_on="eval"`` at the end of the epoch that validated.
 
 ``restore_best_weights`` keeps a clone of ``get_model_state_dict(state.model)`` at every
 improvement -- per rank: a full replica under DDP, this rank's shards (DTensors) under FSDP2 or
@@ -174,6 +176,10 @@ class EarlyStopping(Callback):
         self._checks_at_start = self.checks
         self.best_weights = None
         self.best_step = None
+
+    @property
+    def stops_on_log_steps(self) -> bool:  # see Callback: the stop then lands on its check step
+        return self.check_on == "step"
 
     def on_eval_end(self, state: TrainState) -> None:
         if self._fitting and self.check_on == "eval":

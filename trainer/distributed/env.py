@@ -105,7 +105,8 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
 
 def start_all_reduce_sum(tensor: torch.Tensor) -> dist.Work | None:
     """Start summing `tensor` over all ranks in place; `.wait()` the work returned (None: one
-    process) before reading it."""
+    process) before reading it. All ranks, not a data-parallel group: what it carries (the stop
+    flags) must reach every rank."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
     return None
