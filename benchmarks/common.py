@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from trainer.callbacks.base import Callback
+from trainer.distributed.env import several_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 INPUT_SHAPE = (1, 32, 32)  # synthetic data, 10 classes: an MNIST-sized image for every model
@@ -287,7 +288,7 @@ def identical_blocks(cfg: Any, blocks: int, rounds: int, steps: int, share: bool
     """`interleaved_blocks` with the plain loop on both sides (A/A): the second one, dressed as a
     trainer (`PlainAsTrainer`), trains the first one's model (with `share`). Run inside the
     process group when there is one: both loops are then DDP-wrapped, as in `bench_ddp`."""
-    ddp = dist.is_initialized() and dist.get_world_size() > 1
+    ddp = several_ranks()
     results = []
     for _ in range(blocks):
         plain = PlainLoop(plain_spec(cfg), ddp=ddp)

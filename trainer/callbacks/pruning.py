@@ -37,6 +37,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.callbacks.base import Callback
+from trainer.distributed.env import several_ranks
 from trainer.distributed.parallelize import unwrap
 from trainer.pruning import masks as M
 from trainer.pruning.report import cpu_latency_ms, flat_metrics, size_report, write_report
@@ -329,7 +330,7 @@ class Pruning(Callback):
             report["accuracy_note"] = (
                 "test/accuracy in summary.json is measured after fit, on the pruned model"
             )
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if several_ranks():
             box = [report]
             dist.broadcast_object_list(box, src=0)  # every rank logs the same report
             report = box[0]
@@ -424,7 +425,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _broadcast(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rank 0's masks on every rank (in the dict's order, the same on every rank)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return masks
     out = {}
     for name, mask in masks.items():

@@ -96,9 +96,14 @@ def distributed(device: str, backend: str, timeout_s: int) -> Iterator[DistEnv]:
     teardown()
 
 
+def several_ranks() -> bool:
+    """Whether a process group with more than one rank is running: collectives are then due."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum `tensor` over the ranks of `group` (default: all) in place and return it."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
@@ -107,13 +112,13 @@ def start_all_reduce_sum(tensor: torch.Tensor) -> dist.Work | None:
     """Start summing `tensor` over all ranks in place; `.wait()` the work returned (None: one
     process) before reading it. All ranks, not a data-parallel group: what it carries (the stop
     flags) must reach every rank."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
     return None
 
 
 def all_reduce_max(value: int, device: torch.device) -> int:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return value
     t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -122,7 +127,7 @@ def all_reduce_max(value: int, device: torch.device) -> int:
 
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag true on every rank if it is true on any rank: how stop and save are agreed."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return list(flags)
     t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -134,5 +139,5 @@ def dist_rank() -> int:
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         dist.barrier()
