@@ -110,7 +110,6 @@ class Trainer:
         self.preempted_by: str | None = None  # the signal's name once SIGTERM/SIGUSR1 arrived
         self.save_on_stop = False  # a stop that must leave a checkpoint (signal, nonfinite=stop)
         self._stop_without_agreement = False  # nonfinite=stop: every rank asks at the same step
-        self._agree_after_log_steps = False  # set at fit start, from the callbacks (_stop_now)
         self._window = _Window()
 
     # ---------------------------------------------------------------------------- fit
@@ -121,9 +120,6 @@ class Trainer:
                 if self.checkpointer is not None:
                     self.checkpointer.maybe_resume(self)
                 self._window = _Window()  # throughput is timed from here
-                self._agree_after_log_steps = any(
-                    getattr(cb, "stops_on_log_steps", False) for cb in self.callbacks
-                )
                 self._call("on_fit_start")
                 while state.step < state.max_steps and not state.should_stop:
                     self._train_epoch()
@@ -343,7 +339,9 @@ class Trainer:
             return True
         if not self.env.is_distributed:
             return self._apply_agreed(*self._stop_request_flags())
-        if agreed is not None and self._agree_after_log_steps:
+        if agreed is not None and any(
+            getattr(cb, "stops_on_log_steps", False) for cb in self.callbacks
+        ):
             return self._agree_to_stop()
         return agreed is not None and self._apply_agreed(*agreed)
 
