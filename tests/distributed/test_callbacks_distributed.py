@@ -276,16 +276,18 @@ def _stop_worker(out_dir: str) -> dict[str, tuple[int, str, list[str]]]:
 
 
 @pytest.mark.timeout(120)
-def test_a_stop_asked_on_one_rank_lands_on_both_at_the_next_log_step(tmp_path):
-    """The stop flags go out before a log step's last backward: a stop asked for in step 3
-    lands at log step 4; one asked for in log step 4's `on_step_end`, after its flags went out,
-    lands at log step 8. A signal on one rank just before the last step (10, a log step, inside
-    the epoch) makes both ranks force the final checkpoint (save_final=false), not one alone."""
+def test_a_stop_asked_on_one_rank_lands_on_both_after_the_next_log_step(tmp_path):
+    """The stop flags go out in a log step's all-reduce, before its on_step_end, and the ranks
+    read it back one step later: a stop asked for in step 3 lands after step 5 (log step 4's
+    all-reduce); one asked for in log step 4's `on_step_end`, after its flags went out, lands
+    after step 9. A signal on one rank just before the last step (10, a log step, inside the
+    epoch, whose all-reduce is read at once) makes both ranks force the final checkpoint
+    (save_final=false), not one alone."""
     results = launch(_stop_worker, WORLD, str(tmp_path))
     r0, r1 = results[0], results[1]
     other = "another rank requested a stop"
-    assert r1["request 3"][:2] == (4, "rank 1 at step 3") and r0["request 3"][:2] == (4, other)
-    assert r1["request 4"][:2] == (8, "rank 1 at step 4") and r0["request 4"][:2] == (8, other)
+    assert r1["request 3"][:2] == (5, "rank 1 at step 3") and r0["request 3"][:2] == (5, other)
+    assert r1["request 4"][:2] == (9, "rank 1 at step 4") and r0["request 4"][:2] == (9, other)
     assert r1["signal"][:2] == (10, "received SIGTERM: saved a checkpoint and stopped")
     assert r0["signal"][:2] == (10, other)
     for r in (r0, r1):

@@ -64,6 +64,7 @@ def make_config(strategy: str, world: int, tp_degree: int = 0) -> TrainConfig:
             strategy=strategy, backend="gloo", timeout_s=60, tp_degree=tp_degree
         ),
         checkpoint=CheckpointConfig(save_final=False),
+        logger={"jsonl": {"_target_": "trainer.loggers.jsonl.JsonlLogger"}},
         max_epochs=EPOCHS,
         grad_clip=1.0,
         val_every_epochs=0,
@@ -80,7 +81,15 @@ def _train_worker(cfg: TrainConfig, run_dir: str) -> dict:
         weights = get_model_state_dict(
             trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-    return {"val_before": before, "weights": {k: v.clone() for k, v in weights.items()}}
+        trainer.logger.finish()
+    weights = {k: v.clone() for k, v in weights.items()}
+    return {"val_before": before, "weights": weights, "rows": logged_rows(run_dir)}
+
+
+def logged_rows(run_dir: str | Path) -> list[dict]:
+    """metrics.jsonl of the run (rank 0 writes it), one dict per row."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def reference_loop(cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -112,10 +121,16 @@ def reference_loop(cfg: TrainConfig) -> dict[str, torch.Tensor]:
 
 def one_process(cfg: TrainConfig, tmp_path: Path) -> dict:
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    tmp_path.mkdir(parents=True, exist_ok=True)
     trainer, _ = build_trainer(cfg, env, tmp_path)
     before = trainer.validate()
     trainer.fit()
-    return {"val_before": before, "weights": trainer.model.state_dict()}
+    trainer.logger.finish()
+    return {
+        "val_before": before,
+        "weights": trainer.model.state_dict(),
+        "rows": logged_rows(tmp_path),
+    }
 
 
 def assert_same_weights(got: dict, want: dict, atol: float = 2e-5) -> None:
@@ -149,6 +164,23 @@ def test_strategy_matches_one_process(strategy, world, tp_degree, reference, tmp
     assert rank0["val_before"]["val/loss"] == pytest.approx(
         single["val_before"]["val/loss"], rel=1e-6
     )
+    # The logged training loss too, in one row per log step with its own step number, though
+    # ranks read a log step's all-reduce during the next step (log steps 10 and 20 here; step
+    # 10's next step is the epoch's last, 22 is the fit's).
+    assert_same_loss_rows(rank0["rows"], single["rows"], [5, 10, 15, 20, 22])
+
+
+def assert_same_loss_rows(got: list[dict], want: list[dict], log_steps: list[int]) -> None:
+    def loss_rows(rows: list[dict]) -> dict[int, dict]:
+        return {row["step"]: row for row in rows if "train/loss" in row}
+
+    got_rows, want_rows = loss_rows(got), loss_rows(want)
+    assert sorted(got_rows) == sorted(want_rows) == log_steps
+    assert len(got) == len({row["step"] for row in got})  # one row per step
+    for step, row in want_rows.items():
+        assert got_rows[step].keys() == row.keys(), step
+        assert got_rows[step]["train/loss"] == pytest.approx(row["train/loss"], rel=1e-5), step
+        assert got_rows[step]["lr"] == pytest.approx(row["lr"], rel=1e-6), step
 
 
 @pytest.mark.parametrize(

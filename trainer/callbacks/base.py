@@ -19,15 +19,16 @@ class Callback:
             on_epoch_start
             for each optimizer step (grad_accum_steps micro-batches):
                 on_step_start
-                forward                   (on log steps, ranks then start one all-reduce of
-                                          the loss window and of their should_stop flags)
-                backward, clip, optimizer.step()
+                forward, backward, clip, optimizer.step()
                 state.step += 1
-                on_step_end               state.metrics holds "train/loss" on log steps
+                (log steps: one all-reduce of the loss window and every rank's should_stop
+                flag starts; one process, or `stops_on_log_steps`: read back at once; else
+                read while the next step runs, which then sends the log step's row)
+                on_step_end               state.metrics holds "train/loss" once it is read
                 log metrics, save a checkpoint when due,
-                stop if should_stop       (one process: after any step. Ranks: on log steps,
-                                          if any rank's flag was set when the all-reduce
-                                          started; see `stops_on_log_steps`)
+                stop if should_stop       (one process: after any step. Ranks: after a step
+                                          that read an all-reduce, if any rank's flag was set
+                                          when it started; see `stops_on_log_steps`)
             validate -> on_eval_end       state.metrics holds "val/loss", "val/accuracy"
             on_epoch_end
             agree on should_stop
@@ -41,8 +42,8 @@ class Callback:
 
     Callbacks run in config order. To stop, call `state.request_stop(reason)`: the loop reduces
     the request across ranks so that every rank stops after the same step. Under torchrun that
-    is the next log step whose all-reduce starts after the request (at most `log_every_steps`
-    steps later), or the epoch's end if it comes first. To log, call
+    is one step after the next log step whose all-reduce starts after the request (at most
+    `log_every_steps` + 1 steps later), or the epoch's end if it comes first. To log, call
     `state.log({...})`. `state.measure("val")` evaluates quietly (every rank must call it).
     Whatever `state_dict()` returns is saved in checkpoints and handed back to
     `load_state_dict()` on resume; keep it to tensors and plain Python values.
@@ -52,8 +53,9 @@ class Callback:
     # a callback after it that restores earlier weights would undo that.
     edits_weights_at_fit_end = False
     # True where `on_step_end` checks a stop condition on log steps (step-based early stopping):
-    # under torchrun the loop then agrees on stopping right after each log step's on_step_end
-    # (one more all-reduce), so that the stop lands on that very step on every rank.
+    # under torchrun the loop then reads each log step's all-reduce at once (so "train/loss" is
+    # there for the check) and agrees on stopping right after on_step_end (one more all-reduce),
+    # so that the stop lands on that very step on every rank.
     stops_on_log_steps = False
 
     @classmethod
