@@ -66,9 +66,13 @@ class Checkpointer:
         self.pending: tuple | None = None  # a save to commit: (future, partial, final, step, world)
 
     # ------------------------------------------------------------------ when to save
-    def maybe_save(self, trainer: Trainer) -> None:
+    def due(self, step: int) -> bool:
+        """Whether `maybe_save` saves at this step."""
         every = self.cfg.every_steps
-        if every and trainer.state.step % every == 0:
+        return bool(every) and step % every == 0
+
+    def maybe_save(self, trainer: Trainer) -> None:
+        if self.due(trainer.state.step):
             self.save(trainer)
 
     def save_final(self, trainer: Trainer, force: bool = False) -> None:

@@ -31,7 +31,7 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     samples_seen: int = 0  # global training samples consumed
     # Latest values by name ("train/loss", "val/accuracy", "lr", ...). Write through `log()`:
-    # only what `log()` records reaches the loggers (on the next log step).
+    # only what `log()` records reaches the loggers (in the next log step's row).
     metrics: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False  # set through request_stop(); agreed across ranks by the loop
     stop_reason: str = ""
@@ -40,7 +40,8 @@ class TrainState:
     )  # sent to the loggers at the next flush
 
     def log(self, metrics: dict[str, float]) -> None:
-        """Record metrics: they show in `metrics` at once and reach the loggers on the next log step."""
+        """Record metrics: they show in `metrics` at once and reach the loggers in the next log
+        step's row (under torchrun sent one step later, with that log step's number)."""
         self.metrics.update(metrics)
         self.unlogged.update(metrics)
 

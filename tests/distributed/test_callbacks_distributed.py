@@ -233,19 +233,19 @@ def test_fsdp_transformer_schedule_stop_and_restore_best_weights(results):
 # ------------------------------------------------------------------------------ stop agreement
 
 
-class OnRank1(Callback):
-    """On rank 1 only, before step `at` + 1 (`signal`) or after step `at` (a stop request)."""
+class OnRank(Callback):
+    """On `rank` only, before step `at` + 1 (`signal`) or after step `at` (a stop request)."""
 
-    def __init__(self, trainer: Any, at: int, signal: bool) -> None:
-        self.trainer, self.at, self.signal = trainer, at, signal
+    def __init__(self, trainer: Any, rank: int, at: int, signal: bool) -> None:
+        self.trainer, self.rank, self.at, self.signal = trainer, rank, at, signal
 
     def on_step_start(self, state: Any) -> None:
-        if self.signal and state.rank == 1 and state.step == self.at:
+        if self.signal and state.rank == self.rank and state.step == self.at:
             self.trainer.preempted_by = "SIGTERM"  # what the signal handler records
 
     def on_step_end(self, state: Any) -> None:
-        if not self.signal and state.rank == 1 and state.step == self.at:
-            state.request_stop(f"rank 1 at step {self.at}")
+        if not self.signal and state.rank == self.rank and state.step == self.at:
+            state.request_stop(f"rank {self.rank} at step {self.at}")
 
 
 def _stop_worker(out_dir: str) -> dict[str, tuple[int, str, list[str]]]:
@@ -254,21 +254,22 @@ def _stop_worker(out_dir: str) -> dict[str, tuple[int, str, list[str]]]:
 
     seen = {}
     with distributed("cpu", "gloo", 60) as env:
-        for case, at, signal in (
-            ("request 3", 3, False),
-            ("request 4", 4, False),
-            ("signal", 9, True),
+        for case, asks, log_every_steps in (
+            ("request 3", [(1, 3, False)], 4),
+            ("request 4", [(1, 4, False)], 4),
+            ("signal", [(1, 9, True)], 4),
+            ("stop, then signal", [(0, 2, False), (1, 3, True)], 1),
         ):
             # 32 steps an epoch, so that no epoch's end (where ranks also agree) comes first.
             cfg = make_config(
                 dataset={"num_samples": 2560},
                 parallel=ParallelConfig(strategy="ddp", backend="gloo", timeout_s=60),
                 max_steps=10,
-                log_every_steps=4,
+                log_every_steps=log_every_steps,
             )
-            run_dir = Path(out_dir) / case.replace(" ", "_")
+            run_dir = Path(out_dir) / case.replace(" ", "_").replace(",", "")
             trainer, _ = build_trainer(cfg, env, run_dir)
-            trainer.callbacks.append(OnRank1(trainer, at, signal))
+            trainer.callbacks += [OnRank(trainer, *ask) for ask in asks]
             state = trainer.fit()
             saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
             seen[case] = (state.step, state.stop_reason, saved)
@@ -282,7 +283,9 @@ def test_a_stop_asked_on_one_rank_lands_on_both_after_the_next_log_step(tmp_path
     all-reduce); one asked for in log step 4's `on_step_end`, after its flags went out, lands
     after step 9. A signal on one rank just before the last step (10, a log step, inside the
     epoch, whose all-reduce is read at once) makes both ranks force the final checkpoint
-    (save_final=false), not one alone."""
+    (save_final=false), not one alone. So does one that goes out in the all-reduce still in
+    flight when the ranks stop (logging every step: rank 0's stop request goes out with step 3,
+    read in step 4, which carries rank 1's signal; it is read after the loop)."""
     results = launch(_stop_worker, WORLD, str(tmp_path))
     r0, r1 = results[0], results[1]
     other = "another rank requested a stop"
@@ -290,5 +293,8 @@ def test_a_stop_asked_on_one_rank_lands_on_both_after_the_next_log_step(tmp_path
     assert r1["request 4"][:2] == (9, "rank 1 at step 4") and r0["request 4"][:2] == (9, other)
     assert r1["signal"][:2] == (10, "received SIGTERM: saved a checkpoint and stopped")
     assert r0["signal"][:2] == (10, other)
+    assert r0["stop, then signal"][:2] == (4, "rank 0 at step 2")
+    assert r1["stop, then signal"][:2] == (4, "received SIGTERM: saved a checkpoint and stopped")
     for r in (r0, r1):
         assert r["request 3"][2] == [] and r["signal"][2] == ["step_00000010"]
+        assert r["stop, then signal"][2] == ["step_00000004"]

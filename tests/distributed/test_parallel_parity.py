@@ -25,6 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from trainer.build import build_data, build_model, build_trainer, seed_everything
 from trainer.callbacks.base import Callback
 from trainer.callbacks.lr_schedule import WarmupCosine
+from trainer.checkpoint import TRAINER_STATE
 from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
 from trainer.data.loaders import ResumableSampler
 from trainer.distributed.env import DistEnv, distributed
@@ -63,7 +64,8 @@ def make_config(strategy: str, world: int, tp_degree: int = 0) -> TrainConfig:
         parallel=ParallelConfig(
             strategy=strategy, backend="gloo", timeout_s=60, tp_degree=tp_degree
         ),
-        checkpoint=CheckpointConfig(save_final=False),
+        # One checkpoint, at log step 15: it must hold that step's own training loss.
+        checkpoint=CheckpointConfig(save_final=False, every_steps=15),
         logger={"jsonl": {"_target_": "trainer.loggers.jsonl.JsonlLogger"}},
         max_epochs=EPOCHS,
         grad_clip=1.0,
@@ -76,6 +78,7 @@ def make_config(strategy: str, world: int, tp_degree: int = 0) -> TrainConfig:
 def _train_worker(cfg: TrainConfig, run_dir: str) -> dict:
     with distributed("cpu", cfg.parallel.backend, cfg.parallel.timeout_s) as env:
         trainer, _ = build_trainer(cfg, env, Path(run_dir))
+        trainer.callbacks.append(StampStep())
         before = trainer.validate()  # identical initial weights everywhere: must match exactly
         trainer.fit()
         weights = get_model_state_dict(
@@ -84,6 +87,13 @@ def _train_worker(cfg: TrainConfig, run_dir: str) -> dict:
         trainer.logger.finish()
     weights = {k: v.clone() for k, v in weights.items()}
     return {"val_before": before, "weights": weights, "rows": logged_rows(run_dir)}
+
+
+class StampStep(Callback):
+    """Logs the number of the step about to run, in on_step_start: each row must show its own."""
+
+    def on_step_start(self, state) -> None:
+        state.log({"stamp/step": state.step + 1})
 
 
 def logged_rows(run_dir: str | Path) -> list[dict]:
@@ -123,6 +133,7 @@ def one_process(cfg: TrainConfig, tmp_path: Path) -> dict:
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     tmp_path.mkdir(parents=True, exist_ok=True)
     trainer, _ = build_trainer(cfg, env, tmp_path)
+    trainer.callbacks.append(StampStep())
     before = trainer.validate()
     trainer.fit()
     trainer.logger.finish()
@@ -164,10 +175,16 @@ def test_strategy_matches_one_process(strategy, world, tp_degree, reference, tmp
     assert rank0["val_before"]["val/loss"] == pytest.approx(
         single["val_before"]["val/loss"], rel=1e-6
     )
-    # The logged training loss too, in one row per log step with its own step number, though
-    # ranks read a log step's all-reduce during the next step (log steps 10 and 20 here; step
-    # 10's next step is the epoch's last, 22 is the fit's).
+    # The logged training loss too, in one row per log step with its own step number and with
+    # nothing logged after it, though ranks read a log step's all-reduce during the next step
+    # (log steps 5, 10 and 20 here; step 10's next step is the epoch's last, 22 is the fit's,
+    # and 15 is read at once, for its checkpoint, which holds that step's loss).
     assert_same_loss_rows(rank0["rows"], single["rows"], [5, 10, 15, 20, 22])
+    saved = torch.load(
+        tmp_path / "checkpoints" / "step_00000015" / TRAINER_STATE, weights_only=True
+    )
+    row_15 = next(row for row in rank0["rows"] if row["step"] == 15)
+    assert saved["state"]["metrics"]["train/loss"] == row_15["train/loss"]
 
 
 def assert_same_loss_rows(got: list[dict], want: list[dict], log_steps: list[int]) -> None:
@@ -177,6 +194,7 @@ def assert_same_loss_rows(got: list[dict], want: list[dict], log_steps: list[int
     got_rows, want_rows = loss_rows(got), loss_rows(want)
     assert sorted(got_rows) == sorted(want_rows) == log_steps
     assert len(got) == len({row["step"] for row in got})  # one row per step
+    assert all(row["stamp/step"] == step for step, row in got_rows.items())
     for step, row in want_rows.items():
         assert got_rows[step].keys() == row.keys(), step
         assert got_rows[step]["train/loss"] == pytest.approx(row["train/loss"], rel=1e-5), step
