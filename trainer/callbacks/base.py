@@ -22,8 +22,9 @@ class Callback:
                 forward, backward, clip, optimizer.step()
                 state.step += 1
                 (log steps: one all-reduce of the loss window and every rank's should_stop
-                flag starts; one process, or `stops_on_log_steps`: read back at once; else
-                read while the next step runs, which then sends the log step's row)
+                flag starts. It is read at once in one process, on the last step, before a
+                checkpoint and with `stops_on_log_steps`; otherwise while the next step runs,
+                which then sends the log step's row)
                 on_step_end               state.metrics holds "train/loss" once it is read
                 log metrics, save a checkpoint when due,
                 stop if should_stop       (one process: after any step. Ranks: after a step
