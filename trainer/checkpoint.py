@@ -40,6 +40,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trainer.config import CheckpointConfig
+from trainer.data.loaders import batch_size_of
 from trainer.distributed.env import all_reduce_max, barrier, dist_rank
 
 if TYPE_CHECKING:
@@ -266,7 +267,7 @@ def _keyed(callbacks: list) -> dict[str, Any]:
 
 
 def _global_batch(trainer: Trainer) -> int:
-    return trainer.train_loader.batch_size * trainer.env.dp_size
+    return batch_size_of(trainer.train_loader) * trainer.env.dp_size
 
 
 def _check_data_position(folder: Path, saved: dict[str, Any], trainer: Trainer) -> None:

@@ -14,8 +14,8 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from trainer.callbacks.base import Callback
 from trainer.config import TrainConfig
-from trainer.data.loaders import start_epoch
+from trainer.data.loaders import batch_size_of, start_epoch
 from trainer.distributed.clip import clip_grad_norm_, grad_norm, has_dtensors
 from trainer.distributed.env import (
     DistEnv,
@@ -32,6 +32,7 @@ from trainer.distributed.env import (
     all_reduce_sum,
     any_rank,
     dtype_of,
+    several_ranks,
     start_all_reduce_sum,
 )
 from trainer.distributed.parallelize import unwrap
@@ -77,7 +78,7 @@ class Trainer:
         steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
         if steps_per_epoch == 0:
             raise ValueError(
-                f"the training split gives no batch of data.batch_size={train_loader.batch_size} "
+                f"the training split gives no batch of data.batch_size={batch_size_of(train_loader)} "
                 f"on each of {env.world_size} process(es); lower the batch size"
             )
         max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.max_epochs * steps_per_epoch
@@ -141,8 +142,12 @@ class Trainer:
         # Once per epoch, not per step (it visits every module); evaluation restores the mode.
         self.model.train()
         self._call("on_epoch_start")
+        # Taken once per epoch: the per-step hooks run thousands of times, and most callbacks
+        # leave most of them as Callback's no-ops.
+        on_step_start, on_step_end = self._hooks("on_step_start"), self._hooks("on_step_end")
         for batches in _in_groups(self.train_loader, cfg.grad_accum_steps):
-            self._call("on_step_start")
+            for hook in on_step_start:
+                hook(state)
             log_step = self._should_log(state.step + 1)
             started = time.perf_counter()
             loss = self.train_step(batches)
@@ -164,7 +169,8 @@ class Trainer:
                 state.log({**rate_metrics(self.optimizer), "epoch": state.epoch})
                 if not self._reduce_in_background():
                     agreed = self._finish_log_reduce()
-            self._call("on_step_end")
+            for hook in on_step_end:
+                hook(state)
             if log_step:
                 self._flush_logs()  # held while the all-reduce runs in the background
             if self.cfg.gc_every_steps and state.step % self.cfg.gc_every_steps == 0:
@@ -205,6 +211,7 @@ class Trainer:
         # optimizer step: the MLP benchmark on CPU measured ~1.5% faster this way (where the
         # allocator puts the step's activations). Checkpoints never hold gradients either way.
         self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.scaler if self.scaler.is_enabled() else None  # fp16's loss scaling
         losses = []
         for i, (inputs, targets) in enumerate(batches):
             last = i == len(batches) - 1
@@ -218,18 +225,21 @@ class Trainer:
                 if len(batches) > 1:
                     loss = loss * (targets.numel() / count)
                 losses.append(loss.detach())
-                self.scaler.scale(loss).backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
         total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # clip and check the true gradients
         if self.cfg.grad_clip > 0:
             norm = self._clip(self.model.parameters(), self.cfg.grad_clip)
         else:
             norm = grad_norm(self.model.parameters())
         # fp16's grad scaler skips non-finite steps itself; otherwise the policy decides. The norm
         # is global (DDP, FSDP2 and TP reduce it), so every rank reaches the same verdict.
-        if self.cfg.precision == "fp16" or self._finite_or_handled(total, norm):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        elif self._finite_or_handled(total, norm):
+            self.optimizer.step()
         return total
 
     def _finite_or_handled(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
@@ -304,8 +314,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- helpers
     def _call(self, hook: str) -> None:
-        for callback in self.callbacks:
-            getattr(callback, hook)(self.state)
+        for method in self._hooks(hook):
+            method(self.state)
+
+    def _hooks(self, hook: str) -> list[Callable[[TrainState], None]]:
+        """Each callback's `hook` method, in list order, leaving out `Callback`'s own no-ops."""
+        base = getattr(Callback, hook)
+        methods = (getattr(callback, hook) for callback in self.callbacks)
+        return [m for m in methods if getattr(m, "__func__", None) is not base]
 
     def _should_log(self, step: int) -> bool:
         return step % self.cfg.log_every_steps == 0 or step == self.state.max_steps
@@ -423,6 +439,17 @@ class Trainer:
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
 
+class _Reduction(NamedTuple):
+    """A log step's window on its way to every rank (`_Window.start_reduce`)."""
+
+    step: int
+    values: torch.Tensor  # the loss sum; under torchrun then each rank's flags, summed in place
+    work: Any  # the all-reduce's handle; None in one process, where nothing is reduced
+    flags: list[bool]  # this rank's own
+    count: int  # losses in the window
+    speed: float  # this rank's samples per second over the window
+
+
 class _Window:
     """Training loss and throughput since the last log step. On a log step the loss sum goes to
     every rank with the stop flags in one asynchronous all-reduce (`start_reduce`), read back
@@ -432,8 +459,7 @@ class _Window:
         self.losses: list[torch.Tensor] = []  # summed on log steps: no tensor op per step
         self.samples = 0
         self.started = time.perf_counter()
-        # While an all-reduce runs: its step, values, work, loss count and samples per second.
-        self._reducing: tuple[int, torch.Tensor, Any, int, float] | None = None
+        self._reducing: _Reduction | None = None
 
     @property
     def in_flight(self) -> bool:
@@ -441,36 +467,44 @@ class _Window:
 
     @property
     def reducing_step(self) -> int:
-        return self._reducing[0]
+        return self._reducing.step
 
     def add(self, loss: torch.Tensor, samples: int) -> None:
         self.losses.append(loss)
         self.samples += samples
 
     def start_reduce(self, step: int, flags: list[bool]) -> None:
-        values = self.losses[0].new_zeros(1 + len(flags), dtype=torch.float64)
-        values[0] = torch.stack(self.losses).sum(dtype=torch.float64)
-        for i, flag in enumerate(flags, start=1):
-            values[i] = float(flag)  # filled on the device: no copy from host memory to wait for
+        values = torch.stack(self.losses).sum(dtype=torch.float64)
+        work = None
+        if several_ranks():
+            loss_sum, values = values, values.new_zeros(1 + len(flags))
+            values[0] = loss_sum
+            for i, flag in enumerate(flags, start=1):
+                values[i] = float(
+                    flag
+                )  # filled on the device: no copy from host memory to wait for
+            work = start_all_reduce_sum(values)
         now = time.perf_counter()
         speed = self.samples / max(now - self.started, 1e-9)
-        self._reducing = step, values, start_all_reduce_sum(values), len(self.losses), speed
+        self._reducing = _Reduction(step, values, work, flags, len(self.losses), speed)
         self.losses, self.samples, self.started = [], 0, now
 
     def finish_reduce(self, env: DistEnv) -> tuple[dict[str, float], list[bool]]:
         """The reduced window's metrics, and the stop flags, each true if any rank's was."""
-        _, values, work, count, speed = self._reducing
-        self._reducing = None
-        if work is not None:
-            work.wait()
-        loss_sum, *flags = values.tolist()
+        reduction, self._reducing = self._reducing, None
+        if reduction.work is None:
+            loss_sum, flags = reduction.values.item(), reduction.flags
+        else:
+            reduction.work.wait()
+            loss_sum, *counts = reduction.values.tolist()
+            flags = [count > 0 for count in counts]
         metrics = {
             # Summed over all ranks. Under tensor parallelism the ranks of one group share a
             # batch and compute the same loss, so each batch counts tp times: world = dp x tp.
-            "train/loss": loss_sum / (count * env.world_size),
-            "train/samples_per_second": speed,
+            "train/loss": loss_sum / (reduction.count * env.world_size),
+            "train/samples_per_second": reduction.speed,
         }
-        return metrics, [flag > 0 for flag in flags]
+        return metrics, flags
 
 
 @contextlib.contextmanager

@@ -67,3 +67,36 @@ def test_evaluation_is_never_shuffled_and_never_padded():
     shards = [eval_loader(data, DataConfig(eval_batch_size=4), env(r, 2)) for r in (0, 1)]
     seen = [[int(i) for inputs, _ in shard for i in inputs] for shard in shards]
     assert seen == [list(range(0, 13, 2)), list(range(1, 13, 2))]
+
+
+def batches(cfg: DataConfig, data, rank: int, world: int, epoch: int, skip: int = 0) -> list:
+    loader = train_loader(data, cfg, env(rank, world), SEED)
+    start_epoch(loader, epoch, SEED, skip_batches=skip)
+    got = list(loader)
+    assert len(got) == len(loader)  # what the loop counts steps by
+    return got
+
+
+def test_whole_batch_fetch_gives_the_per_sample_loaders_batches():
+    # Inputs with a feature dimension and float values, targets of their own dtype; 100 samples
+    # so that drop_last=False leaves a short last batch on each rank.
+    data = TensorDataset(torch.randn(100, 3), torch.arange(100) % 10)
+    for drop_last in (True, False):
+        whole = DataConfig(batch_size=BATCH, drop_last=drop_last)
+        per_sample = DataConfig(batch_size=BATCH, drop_last=drop_last, batched_fetch=False)
+        for rank, world, epoch, skip in [(0, 1, 0, 0), (1, 2, 3, 0), (0, 2, 1, 2)]:
+            got = batches(whole, data, rank, world, epoch, skip)
+            want = batches(per_sample, data, rank, world, epoch, skip)
+            assert len(got) == len(want)
+            for (x, y), (x_ref, y_ref) in zip(got, want, strict=True):
+                assert torch.equal(x, x_ref) and x.dtype == x_ref.dtype
+                assert torch.equal(y, y_ref) and y.dtype == y_ref.dtype
+            assert len(want[-1][0]) == (BATCH if drop_last else 100 // world % BATCH or BATCH)
+
+
+def test_other_datasets_are_fetched_sample_by_sample():
+    # A Subset cannot be indexed by a list of indices in every case: it keeps the per-sample path.
+    data = torch.utils.data.Subset(dataset(), range(40))
+    loader = train_loader(data, DataConfig(batch_size=BATCH), env(0, 1), SEED)
+    assert loader.batch_size == BATCH
+    assert sorted(int(i) for inputs, _ in loader for i in inputs) == list(range(40))

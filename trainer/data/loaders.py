@@ -13,7 +13,14 @@ from collections.abc import Iterator
 from itertools import islice
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Subset,
+    TensorDataset,
+)
 
 from trainer.config import DataConfig
 from trainer.distributed.env import DistEnv
@@ -46,7 +53,24 @@ def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int) -> 
         seed=seed,
         drop_last=True,  # never pad the training set with duplicates
     )
+    if cfg.batched_fetch and isinstance(dataset, TensorDataset):
+        # PyTorch's "loading batched data" pattern: the sampler hands the loader whole batches of
+        # indices, which index each tensor once. Building a batch of 256 samples one
+        # __getitem__ at a time and stacking them takes ~2 ms on one CPU core (a fifth of the
+        # MLP benchmark's step); this takes a few dozen microseconds.
+        batches = BatchSampler(sampler, cfg.batch_size, drop_last=cfg.drop_last)
+        return _loader(dataset, None, cfg, env, sampler=batches, drop_last=False)
     return _loader(dataset, cfg.batch_size, cfg, env, sampler=sampler, drop_last=cfg.drop_last)
+
+
+def batch_size_of(loader: DataLoader) -> int:
+    """A training loader's batch size, whether the loader or its batch sampler batches."""
+    return loader.batch_size or loader.sampler.batch_size
+
+
+def _resumable_sampler(loader: DataLoader) -> ResumableSampler:
+    sampler = loader.sampler
+    return sampler.sampler if isinstance(sampler, BatchSampler) else sampler
 
 
 def eval_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv) -> DataLoader:
@@ -57,10 +81,10 @@ def eval_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv) -> DataLoader:
 
 def _loader(
     dataset: Dataset,
-    batch_size: int,
+    batch_size: int | None,
     cfg: DataConfig,
     env: DistEnv,
-    sampler: DistributedSampler | None,
+    sampler: DistributedSampler | BatchSampler | None,
     drop_last: bool,
 ) -> DataLoader:
     # Each loader owns its generator: creating an iterator draws worker seeds from it, never from
@@ -80,5 +104,5 @@ def _loader(
 
 def start_epoch(loader: DataLoader, epoch: int, seed: int, skip_batches: int = 0) -> None:
     """Position a training loader at `epoch`, `skip_batches` batches in. The loop calls this."""
-    loader.sampler.start_epoch(epoch, skip=skip_batches * loader.batch_size)
+    _resumable_sampler(loader).start_epoch(epoch, skip=skip_batches * batch_size_of(loader))
     loader.generator.manual_seed(seed * 100_003 + epoch)
