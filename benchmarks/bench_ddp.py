@@ -36,7 +36,9 @@ from benchmarks.common import (  # noqa: E402
     BENCH_ENV,
     COMPARISON,
     PlainLoop,
+    add_override_argument,
     comparison,
+    described,
     hooktrain_config,
     identical_blocks,
     identical_table,
@@ -129,6 +131,7 @@ def main() -> None:
         action="store_true",
         help="instead, measure the plain DDP loop against itself (A/A: the measurement's own error)",
     )
+    add_override_argument(parser)
     parser.add_argument(
         "--separate-builds",
         action="store_true",
@@ -141,11 +144,14 @@ def main() -> None:
         wait_for_quiet(args.wait_load)
     os.environ.update(BENCH_ENV)
     keep_freed_memory()  # the one-process runs of the scaling table: hooktrain's malloc settings
-    print(f"Machine: {machine()}; {NPROC} processes x 1 intra-op thread, gloo.\n")
+    print(
+        f"Machine: {machine()}; {NPROC} processes x 1 intra-op thread, gloo{described(args.override)}.\n"
+    )
 
     total = args.steps * (args.rounds + 1)
     cfgs = {
-        m: hooktrain_config(m, total, "parallel=ddp", "parallel.backend=gloo") for m in args.models
+        m: hooktrain_config(m, total, "parallel=ddp", "parallel.backend=gloo", *args.override)
+        for m in args.models
     }
     share = not args.separate_builds
     ddp = launch(_rank, NPROC, cfgs, args.blocks, args.rounds, args.steps, share, args.identical)[0]

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,8 +46,10 @@ from benchmarks.common import (  # noqa: E402
     BENCH_ENV,
     COMPARISON,
     REPO,
+    add_override_argument,
     cli_overrides,
     comparison,
+    described,
     hooktrain_config,
     identical_blocks,
     identical_table,
@@ -62,13 +65,15 @@ from benchmarks.common import (  # noqa: E402
 from trainer.allocator import keep_freed_memory  # noqa: E402
 
 
-def throughput(models: list[str], blocks: int, rounds: int, steps: int, share: bool) -> str:
+def throughput(
+    models: list[str], blocks: int, rounds: int, steps: int, share: bool, overrides: list[str]
+) -> str:
     from trainer.distributed.env import DistEnv
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     rows = []
     for model in models:
-        cfg = hooktrain_config(model, steps * (rounds + 1))
+        cfg = hooktrain_config(model, steps * (rounds + 1), *overrides)
         batch = cfg.data.batch_size
         results = interleaved_blocks(cfg, env, blocks, rounds, steps, share)
         step_ms = 1000 * batch / median(pooled(results, "plain"))
@@ -89,7 +94,7 @@ def identical_loops(models: list[str], blocks: int, rounds: int, steps: int, sep
 
 
 def fresh_process(
-    model: str, variant: str, steps: int, batch: int | None = None
+    model: str, variant: str, steps: int, batch: int | None = None, overrides: Sequence[str] = ()
 ) -> dict[str, float]:
     """Run one variant in a new process; returns its first-step time and RSS figures. Variants:
     "plain", "hooktrain" (the default job's setup) and "hooktrain, logger=none"."""
@@ -105,6 +110,7 @@ def fresh_process(
                 "+callbacks.probe._target_=benchmarks.common.FirstStepProbe",
                 f"+callbacks.probe.report={report}",
                 *(["logger=none"] if variant.endswith("logger=none") else []),
+                *overrides,
             ]
         else:
             spec = plain_spec(hooktrain_config(model, steps, batch=batch))
@@ -123,12 +129,12 @@ def fresh_process(
         return facts
 
 
-def fresh_processes(workloads: list[tuple[str, int]], steps: int) -> str:
+def fresh_processes(workloads: list[tuple[str, int]], steps: int, overrides: list[str]) -> str:
     """The fresh-process table: one row per (model, batch)."""
     rows = []
     for model, batch in workloads:
         plain, hook, quiet = (
-            fresh_process(model, variant, steps, batch)
+            fresh_process(model, variant, steps, batch, overrides)
             for variant in ("plain", "hooktrain", "hooktrain, logger=none")
         )
         rows.append(
@@ -184,6 +190,7 @@ def main() -> None:
         action="store_true",
         help="instead, measure the plain loop against itself (A/A: the measurement's own error)",
     )
+    add_override_argument(parser)
     parser.add_argument(
         "--separate-builds",
         action="store_true",
@@ -198,7 +205,7 @@ def main() -> None:
     torch.set_num_threads(1)
     keep_freed_memory()  # as build_trainer does: the A/A runs too, which build no trainer
 
-    print(f"Machine: {machine()}; 1 intra-op thread.\n")
+    print(f"Machine: {machine()}; 1 intra-op thread{described(args.override)}.\n")
     if args.identical:
         print(f"Plain loop against plain loop, {args.blocks} blocks of {args.rounds} rounds:\n")
         print(
@@ -209,14 +216,15 @@ def main() -> None:
         f"Throughput: {args.blocks} blocks of {args.rounds} rounds of {args.steps}-step segments, "
         "same process:\n"
     )
-    print(throughput(args.models, args.blocks, args.rounds, args.steps, not args.separate_builds))
+    share = not args.separate_builds
+    print(throughput(args.models, args.blocks, args.rounds, args.steps, share, args.override))
     workloads = [(model, BATCH[model]) for model in args.models]
     if args.quick:
         workloads, steps = workloads[:1], 5
     else:
         workloads, steps = [*workloads, LARGER_WORKLOAD], 20
     print(f"\nFresh processes ({steps} steps each):\n")
-    print(fresh_processes(workloads, steps))
+    print(fresh_processes(workloads, steps, args.override))
     print(f"\nLoad average at the end: {load_average()} (1, 5, 15 min)")
 
 

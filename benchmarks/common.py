@@ -71,6 +71,24 @@ def hooktrain_config(model: str, steps: int, *overrides: str, batch: int | None 
     return validate(cfg)
 
 
+def add_override_argument(parser: Any) -> None:
+    """`--override KEY=VALUE` (repeatable): hooktrain config overrides for every workload."""
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hooktrain config override for every workload (repeatable); "
+        "data.batched_fetch=false: both loops fetch sample by sample, so the ratio is the loop's "
+        "own cost",
+    )
+
+
+def described(overrides: Sequence[str]) -> str:
+    """The overrides, for a benchmark's header line."""
+    return f"; hooktrain overrides: {' '.join(overrides)}" if overrides else ""
+
+
 # ------------------------------------------------------------------------------ plain PyTorch
 def plain_spec(cfg: Any) -> dict[str, Any]:
     """What the plain loop needs from a hooktrain config to do the same work (JSON-able)."""

@@ -36,6 +36,11 @@ def run_benchmark(script: str, *args: str) -> str:
     [
         ("bench_loop", ["--models", "mlp"], ["| mlp | 256 |", "Fresh processes"]),
         ("bench_ddp", [], ["| mlp | 512 |", "Scaling"]),
+        (
+            "bench_loop",
+            ["--models", "cnn", "--override", "data.batched_fetch=false"],
+            ["overrides: data.batched_fetch=false", "| cnn | 32 |"],
+        ),
         ("bench_ddp", ["--identical"], ["Plain DDP loop against itself", "| mlp | "]),
     ],
 )
