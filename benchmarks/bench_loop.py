@@ -66,7 +66,13 @@ from trainer.allocator import keep_freed_memory  # noqa: E402
 
 
 def throughput(
-    models: list[str], blocks: int, rounds: int, steps: int, share: bool, overrides: list[str]
+    models: list[str],
+    blocks: int,
+    rounds: int,
+    steps: int,
+    share: bool,
+    overrides: list[str],
+    plain_per_sample: bool,
 ) -> str:
     from trainer.distributed.env import DistEnv
 
@@ -75,7 +81,7 @@ def throughput(
     for model in models:
         cfg = hooktrain_config(model, steps * (rounds + 1), *overrides)
         batch = cfg.data.batch_size
-        results = interleaved_blocks(cfg, env, blocks, rounds, steps, share)
+        results = interleaved_blocks(cfg, env, blocks, rounds, steps, share, plain_per_sample)
         step_ms = 1000 * batch / median(pooled(results, "plain"))
         rows.append([model, batch, f"{step_ms:.1f}", *comparison(results, cfg.log_every_steps)])
         runs = {k: [round(sps) for sps in pooled(results, k)] for k in ("plain", "hooktrain")}
@@ -113,7 +119,7 @@ def fresh_process(
                 *overrides,
             ]
         else:
-            spec = plain_spec(hooktrain_config(model, steps, batch=batch))
+            spec = plain_spec(hooktrain_config(model, steps, *overrides, batch=batch))
             command = ["-m", "benchmarks.common", json.dumps(spec), str(report)]
         env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         started = time.time()
@@ -192,6 +198,12 @@ def main() -> None:
     )
     add_override_argument(parser)
     parser.add_argument(
+        "--plain-per-sample",
+        action="store_true",
+        help="the plain loop fetches sample by sample, as a DataLoader with batch_size does, "
+        "while hooktrain fetches whole batches: hooktrain against the usual hand-written loop",
+    )
+    parser.add_argument(
         "--separate-builds",
         action="store_true",
         help="the plain loop builds its own model, optimizer and data (see interleaved_blocks)",
@@ -217,7 +229,20 @@ def main() -> None:
         "same process:\n"
     )
     share = not args.separate_builds
-    print(throughput(args.models, args.blocks, args.rounds, args.steps, share, args.override))
+    plain_per_sample = args.plain_per_sample
+    if plain_per_sample:
+        print("The plain loop fetches sample by sample (--plain-per-sample).\n")
+    print(
+        throughput(
+            args.models,
+            args.blocks,
+            args.rounds,
+            args.steps,
+            share,
+            args.override,
+            plain_per_sample,
+        )
+    )
     workloads = [(model, BATCH[model]) for model in args.models]
     if args.quick:
         workloads, steps = workloads[:1], 5

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from trainer.callbacks.base import Callback
 from trainer.distributed.env import several_ranks
@@ -98,6 +98,7 @@ def plain_spec(cfg: Any) -> dict[str, Any]:
         "model": cfg.model,
         "optim": cfg.optim,
         "batch_size": cfg.data.batch_size,
+        "batched_fetch": cfg.data.batched_fetch,  # every benchmark dataset is a TensorDataset
         "num_workers": cfg.data.num_workers,
         "seed": cfg.seed,
         "grad_clip": cfg.grad_clip,
@@ -116,7 +117,9 @@ class PlainLoop:
     """A hand-written loop doing hooktrain's work: the same data, model, AdamW, cross-entropy and
     gradient clipping, `zero_grad(set_to_none=True)`, batches drawn by a `DistributedSampler`
     (num_replicas=1, rank=0 in one process, as hooktrain does) reshuffled each epoch. With `ddp`:
-    `DistributedDataParallel` and the data sharded over the default process group.
+    `DistributedDataParallel` and the data sharded over the default process group. With
+    `spec["batched_fetch"]` (as hooktrain's `data.batched_fetch`) its `DataLoader` fetches whole
+    batches through a `BatchSampler`, as hooktrain does; without, sample by sample.
 
     With `share` (a hooktrain `Trainer`, or another `PlainLoop`), the loop trains that one's very
     model (DDP-wrapped as it is), optimizer and training set instead of building its own, so
@@ -143,13 +146,19 @@ class PlainLoop:
             seed=spec["seed"],
             drop_last=True,
         )
-        self.train_loader = DataLoader(
-            train,
-            batch_size=spec["batch_size"],
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=spec["num_workers"],
-        )
+        if spec["batched_fetch"]:
+            batches = BatchSampler(self.sampler, spec["batch_size"], drop_last=True)
+            self.train_loader = DataLoader(
+                train, batch_size=None, sampler=batches, num_workers=spec["num_workers"]
+            )
+        else:
+            self.train_loader = DataLoader(
+                train,
+                batch_size=spec["batch_size"],
+                sampler=self.sampler,
+                drop_last=True,
+                num_workers=spec["num_workers"],
+            )
         self.grad_clip = spec["grad_clip"]
         self.batches = self._epochs()
         self.model.train()
@@ -277,7 +286,13 @@ def interleave(
 
 
 def interleaved_blocks(
-    cfg: Any, env: Any, blocks: int, rounds: int, steps: int, share: bool = True
+    cfg: Any,
+    env: Any,
+    blocks: int,
+    rounds: int,
+    steps: int,
+    share: bool = True,
+    plain_per_sample: bool = False,
 ) -> list[dict]:
     """`interleave` `blocks` times, each time with a hooktrain trainer and a plain loop built
     afresh (DDP-wrapped when `env` spans several processes); returns each block's results.
@@ -285,16 +300,16 @@ def interleaved_blocks(
     With `share`, the plain loop trains the trainer's own model, optimizer and training set
     (`PlainLoop(share=trainer)`): the ratio is then the loop's cost alone. Without it, each loop
     builds its own, and the ratio also carries where each build's tensors happened to land in
-    memory, which on this machine moves one block's ratio by up to ±20% (`--identical`)."""
+    memory, which on this machine moves one block's ratio by up to ±20% (`--identical`).
+    `plain_per_sample`: the plain loop fetches sample by sample whatever hooktrain does."""
     from trainer.build import build_trainer
 
     results = []
     for _ in range(blocks):
         with tempfile.TemporaryDirectory() as run_dir:  # rank 0 writes the logs here
             trainer, _ = build_trainer(cfg, env, Path(run_dir))
-            plain = PlainLoop(
-                plain_spec(cfg), ddp=env.is_distributed, share=trainer if share else None
-            )
+            spec = {**plain_spec(cfg), **({"batched_fetch": False} if plain_per_sample else {})}
+            plain = PlainLoop(spec, ddp=env.is_distributed, share=trainer if share else None)
             gc.collect()
             batch = cfg.data.batch_size * env.world_size
             results.append(interleave(plain, trainer, rounds, steps, batch))

@@ -443,7 +443,8 @@ class _Reduction(NamedTuple):
     """A log step's window on its way to every rank (`_Window.start_reduce`)."""
 
     step: int
-    values: torch.Tensor  # the loss sum; under torchrun then each rank's flags, summed in place
+    # One process: the loss sum (0-d). Under torchrun: [loss sum, flag, ...], summed in place.
+    values: torch.Tensor
     work: Any  # the all-reduce's handle; None in one process, where nothing is reduced
     flags: list[bool]  # this rank's own
     count: int  # losses in the window
@@ -453,7 +454,7 @@ class _Reduction(NamedTuple):
 class _Window:
     """Training loss and throughput since the last log step. On a log step the loss sum goes to
     every rank with the stop flags in one asynchronous all-reduce (`start_reduce`), read back
-    by `finish_reduce`; the next window starts meanwhile."""
+    by `finish_reduce`; the next window starts meanwhile. In one process nothing is reduced."""
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []  # summed on log steps: no tensor op per step
@@ -474,15 +475,15 @@ class _Window:
         self.samples += samples
 
     def start_reduce(self, step: int, flags: list[bool]) -> None:
-        values = torch.stack(self.losses).sum(dtype=torch.float64)
-        work = None
+        loss_sum = torch.stack(self.losses).sum(dtype=torch.float64)
+        values, work = loss_sum, None  # one process: nothing to reduce
         if several_ranks():
-            loss_sum, values = values, values.new_zeros(1 + len(flags))
+            # The loss sum, then each flag as 0/1, in one tensor for one all-reduce. The flags
+            # are written on the device: no copy from host memory to wait for.
+            values = loss_sum.new_zeros(1 + len(flags))
             values[0] = loss_sum
             for i, flag in enumerate(flags, start=1):
-                values[i] = float(
-                    flag
-                )  # filled on the device: no copy from host memory to wait for
+                values[i] = float(flag)
             work = start_all_reduce_sum(values)
         now = time.perf_counter()
         speed = self.samples / max(now - self.started, 1e-9)
@@ -512,8 +513,8 @@ def _scheduled_gc(every_steps: int) -> Iterator[None]:
     """Python's automatic GC off while fitting, when the loop collects every `every_steps` steps.
 
     The automatic GC runs whenever enough objects were allocated: about once a step in a small
-    loop (the data loader alone makes a tuple per sample), now and then a full pass over every
-    object of the process (~150 ms with wandb, Hydra and torch loaded), and on each rank at a
+    loop (a loader fetching sample by sample makes a tuple per sample), now and then a full pass
+    over every object of the process (~150 ms with wandb, Hydra and torch loaded), and on each rank at a
     different moment, which stalls the others at the next gradient all-reduce. Collecting the
     young generations on a schedule, as torchtitan does, makes that cost small and the same step
     on every rank."""

@@ -313,6 +313,40 @@ def test_callbacks_run_in_list_order(tmp_path):
     assert order == ["a", "b", "c"] * 2
 
 
+def test_every_kind_of_hook_fires_and_a_late_callback_joins_at_the_next_epoch(tmp_path):
+    """Per-step hooks are looked up once per epoch, leaving out Callback's no-ops: an override
+    that calls super(), a hook set on the instance, and a callback added mid-epoch (from the
+    next epoch on, as the Callback map says) all still fire."""
+    seen: list[tuple[str, int]] = []
+
+    class CallsSuper(Callback):
+        def on_step_end(self, state: TrainState) -> None:
+            super().on_step_end(state)
+            seen.append(("super", state.step))
+
+    on_instance = Callback()
+    on_instance.on_step_start = lambda state: seen.append(("instance", state.step))
+    late = Callback()
+    late.on_step_end = lambda state: seen.append(("late", state.step))
+
+    class AddsLate(Callback):
+        def on_step_end(self, state: TrainState) -> None:
+            if state.step == 2:
+                trainer.callbacks.append(late)
+
+    trainer = make_trainer(
+        tmp_path, max_epochs=2, callbacks=[CallsSuper(), on_instance, AddsLate()]
+    )
+    per_epoch = trainer.state.steps_per_epoch
+    trainer.fit()
+    steps = range(1, 2 * per_epoch + 1)
+    assert [s for kind, s in seen if kind == "super"] == list(steps)
+    assert [s for kind, s in seen if kind == "instance"] == [s - 1 for s in steps]
+    assert [s for kind, s in seen if kind == "late"] == list(
+        range(per_epoch + 1, 2 * per_epoch + 1)
+    )
+
+
 def test_on_exception_fires_and_error_propagates(tmp_path):
     recorder = Recorder()
     trainer = make_trainer(tmp_path, callbacks=[recorder])

@@ -21,10 +21,10 @@ class Callback:
                 on_step_start
                 forward, backward, clip, optimizer.step()
                 state.step += 1
-                (log steps: one all-reduce of the loss window and every rank's should_stop
-                flag starts. It is read at once in one process, on the last step, before a
-                checkpoint and with `stops_on_log_steps`; otherwise while the next step runs,
-                which then sends the log step's row)
+                (log steps: the loss window is summed. Under torchrun one all-reduce of it
+                and of every rank's should_stop flag starts. It is read at once on the last
+                step, before a checkpoint and with `stops_on_log_steps`; otherwise while the
+                next step runs, which then sends the log step's row)
                 on_step_end               state.metrics holds "train/loss" once it is read
                 log metrics, save a checkpoint when due,
                 stop if should_stop       (one process: after any step. Ranks: after a step
@@ -41,7 +41,9 @@ class Callback:
     on_epoch_end for it, so that a resumed run continues inside it. After fit, the command line
     evaluates the test split: on_eval_end fires once more with "test/..." metrics.
 
-    Callbacks run in config order. To stop, call `state.request_stop(reason)`: the loop reduces
+    Callbacks run in config order. The loop looks up `on_step_start` and `on_step_end` once per
+    epoch (they run on every step), so a callback added to `trainer.callbacks`, or a hook
+    replaced, during an epoch takes part in those two from the next epoch on. To stop, call `state.request_stop(reason)`: the loop reduces
     the request across ranks so that every rank stops after the same step. Under torchrun that
     is one step after the next log step whose all-reduce starts after the request (at most
     `log_every_steps` + 1 steps later), or the epoch's end if it comes first. To log, call

@@ -5,6 +5,7 @@ of step t holds the same samples whether one process or N processes draw it (ran
 N-th index of the epoch's permutation), which is what makes 1-vs-N parity tests possible. Data is
 sharded over data-parallel ranks: the ranks of one tensor-parallel group read the same batch.
 Evaluation shards the split without padding, so reduced metrics count every sample exactly once.
+A training set held as a `TensorDataset` is fetched a whole batch at a time (`data.batched_fetch`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int) -> 
         seed=seed,
         drop_last=True,  # never pad the training set with duplicates
     )
-    if cfg.batched_fetch and isinstance(dataset, TensorDataset):
+    # Exactly a TensorDataset: a subclass may do per-sample work in __getitem__.
+    if cfg.batched_fetch and type(dataset) is TensorDataset:
         # PyTorch's "loading batched data" pattern: the sampler hands the loader whole batches of
         # indices, which index each tensor once. Building a batch of 256 samples one
         # __getitem__ at a time and stacking them takes ~2 ms on one CPU core (a fifth of the
@@ -65,7 +67,7 @@ def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int) -> 
 
 def batch_size_of(loader: DataLoader) -> int:
     """A training loader's batch size, whether the loader or its batch sampler batches."""
-    return loader.batch_size or loader.sampler.batch_size
+    return loader.batch_size or getattr(loader.batch_sampler or loader.sampler, "batch_size", 0)
 
 
 def _resumable_sampler(loader: DataLoader) -> ResumableSampler:
