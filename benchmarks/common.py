@@ -308,7 +308,9 @@ def interleaved_blocks(
     for _ in range(blocks):
         with tempfile.TemporaryDirectory() as run_dir:  # rank 0 writes the logs here
             trainer, _ = build_trainer(cfg, env, Path(run_dir))
-            spec = {**plain_spec(cfg), **({"batched_fetch": False} if plain_per_sample else {})}
+            spec = plain_spec(cfg)
+            if plain_per_sample:
+                spec["batched_fetch"] = False
             plain = PlainLoop(spec, ddp=env.is_distributed, share=trainer if share else None)
             gc.collect()
             batch = cfg.data.batch_size * env.world_size
