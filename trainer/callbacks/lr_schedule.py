@@ -19,6 +19,10 @@ instead of a clock and also saves its counters.
 The rates are logged (`state.log`) as "lr" (group 0) and, with several groups, as "lr/group{i}"
 for each group: by the loop on every log step, and by the schedule when a fit starts and when an
 epoch-interval or plateau schedule changes them.
+
+Any `torch.optim.lr_scheduler` scheduler itself (warm restarts, polynomial, SequentialLR chains,
+...) runs through `trainer.callbacks.torch_schedule.TorchScheduler`; docs/lr_schedules.md says
+which to use when.
 """
 
 from __future__ import annotations
