@@ -8,19 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from trainer.allocator import keep_freed_memory
-from trainer.callbacks.base import Callback
 from trainer.checkpoint import Checkpointer
-from trainer.config import TrainConfig, build
+from trainer.config import TrainConfig
 from trainer.data.datasets import DataSplits
 from trainer.data.loaders import eval_loader, train_loader
 from trainer.distributed.env import DistEnv
 from trainer.distributed.parallelize import build_mesh, parallelize
+from trainer.errors import ConfigError
 from trainer.loggers.base import Logger, LoggerGroup
-from trainer.loop import Trainer
+from trainer.loop import Trainer, flat_cross_entropy
+from trainer.targets import build
 from trainer.throughput import train_flops_per_sample
+from trainer.validation import build_callbacks, check_monitors
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -45,17 +47,6 @@ def build_model(cfg: TrainConfig, splits: DataSplits) -> torch.nn.Module:
     )
 
 
-def build_callbacks(cfg: TrainConfig, run_dir: Path) -> list[Callback]:
-    """The LR schedule first, then `callbacks` in config order (a null entry switches one off).
-    A callback that takes a `run_dir` argument (to write reports) is given the run folder."""
-    nodes = [("schedule", cfg.schedule)] + [(f"callbacks.{k}", v) for k, v in cfg.callbacks.items()]
-    return [
-        build(node, key, cfg.allowed_targets, run_dir=str(run_dir))
-        for key, node in nodes
-        if node is not None
-    ]
-
-
 def build_loggers(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Logger:
     if not env.is_global_zero:
         return Logger()  # only rank zero writes logs
@@ -78,8 +69,9 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
     if cfg.keep_freed_memory and env.device.type == "cpu":
         keep_freed_memory()
     splits = build_data(cfg)
-    model = build_model(cfg, splits)
+    model = build_model(cfg, splits).to(env.device)
     inputs, targets = default_collate([splits.train[0], splits.train[1]])
+    check_model_fits(model, cfg, inputs[:1].to(env.device), targets[:1].to(env.device))
     facts = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_sample": train_flops_per_sample(model, inputs, targets),
@@ -91,16 +83,58 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
         model = torch.compile(model)
     # The optimizer is built after wrapping so that it holds the wrapped (possibly sharded) params.
     optimizer = build(cfg.optim, "optim", cfg.allowed_targets, params=model.parameters())
+    train = train_loader(splits.train, cfg.data, env, cfg.seed)
+    check_batch_fits(train, len(splits.train), cfg, env)
+    callbacks = build_callbacks(cfg, str(run_dir))
+    # validate() assumed a validation split; the data may have none.
+    check_monitors(cfg, callbacks, validates=cfg.val_every_epochs > 0 and len(splits.val) > 0)
     trainer = Trainer(
         model=model,
         optimizer=optimizer,
-        train_loader=train_loader(splits.train, cfg.data, env, cfg.seed),
+        train_loader=train,
         val_loader=eval_loader(splits.val, cfg.data, env) if len(splits.val) else None,
         test_loader=eval_loader(splits.test, cfg.data, env) if len(splits.test) else None,
         cfg=cfg,
         env=env,
-        callbacks=build_callbacks(cfg, run_dir),
+        callbacks=[callback for _, callback in callbacks],
         logger=build_loggers(cfg, env, run_dir),
         checkpointer=Checkpointer(run_dir, cfg.checkpoint, cfg.resume),
     )
     return trainer, facts
+
+
+def check_model_fits(
+    model: torch.nn.Module, cfg: TrainConfig, inputs: torch.Tensor, targets: torch.Tensor
+) -> None:
+    """One sample through the bare model and the loss: a model that does not fit the data (a
+    vector model on token sequences, a forward that fails) is refused here in one line, not
+    deep inside the first step or the wrappers."""
+    was_training = model.training
+    model.eval()  # no dropout drawn, no BatchNorm statistics moved, and a batch of one is fine
+    try:
+        with torch.no_grad():
+            flat_cross_entropy(model(inputs), targets)
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"model: {cfg.model['_target_']} does not fit the data of "
+            f"{cfg.data.dataset['_target_']}: one sample of shape {tuple(inputs.shape)} "
+            f"({inputs.dtype}) with targets of shape {tuple(targets.shape)} gave: {first_line}"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def check_batch_fits(loader: DataLoader, samples: int, cfg: TrainConfig, env: DistEnv) -> None:
+    """Refuse a training loader that gives no batch: no step would ever run."""
+    if len(loader):
+        return
+    share = samples // env.dp_size
+    raise ConfigError(
+        f"data.batch_size: {cfg.data.batch_size} is more than the {share} training samples "
+        f"each of {env.dp_size} data-parallel rank(s) reads, and data.drop_last drops the short "
+        f"batch, so no step would run; use data.batch_size <= {share}"
+        if share
+        else f"data.batch_size: the {samples} training samples are fewer than the "
+        f"{env.dp_size} data-parallel ranks"
+    )

@@ -23,10 +23,9 @@ from trainer.config import (
     DataConfig,
     ParallelConfig,
     TrainConfig,
-    _matches,
-    check_target,
     validate,
 )
+from trainer.targets import _matches, check_target
 
 ALLOWED = ("trainer.", "torch.optim.", "torch.nn.")
 
@@ -172,7 +171,7 @@ def test_wrong_types_inside_target_nodes_are_rejected(overrides, key, expected_t
 @pytest.mark.parametrize(
     ("world_size", "overrides", "ok"),
     [
-        ("1", ["parallel=fsdp_tp"], False),  # tp_degree 2 cannot split a world of one
+        ("3", ["parallel=fsdp_tp"], False),  # tp_degree 2 cannot split a world of three
         ("4", ["parallel=fsdp_tp"], True),
         ("6", ["parallel=fsdp_tp", "parallel.tp_degree=4"], False),
         ("4", ["parallel=tp"], True),  # tp_degree 0: all ranks

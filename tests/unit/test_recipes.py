@@ -14,7 +14,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.cli import recipes_dir  # importing it registers `train_schema` and `${run_id:}`
-from trainer.config import TrainConfig, validate
+from trainer.config import ConfigError, TrainConfig, validate
+from trainer.distributed.parallelize import tensor_parallel_plan
+from trainer.targets import build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = recipes_dir()
@@ -135,3 +137,23 @@ def test_wheel_ships_the_recipes(tmp_path):
     assert "trainer/recipes/model/cnn.yaml" in names
     shipped = {n for n in names if n.startswith("trainer/recipes/") and n.endswith(".yaml")}
     assert len(shipped) == len(OPTIONS) + 1
+
+
+def test_the_tp_preset_names_exactly_the_models_with_a_tensor_parallel_plan():
+    (line,) = [
+        line for line in header_comment(RECIPES / "parallel" / "tp.yaml") if "Models:" in line
+    ]
+    listed = {name.strip() for name in line.split("Models:")[1].split("(")[0].split(",")}
+    with_plan = set()
+    for _, option in (o for o in OPTIONS if o[0] == "model"):
+        node = OmegaConf.to_container(OmegaConf.load(RECIPES / "model" / f"{option}.yaml"))
+        shape = (16,) if option == "gpt" else (1, 8, 8)  # token ids, or a digit image
+        model = build(node, "model", ["trainer."], input_shape=shape, num_classes=10)
+        try:
+            plan = tensor_parallel_plan(model)
+        except ConfigError:
+            continue
+        modules = dict(model.named_modules())
+        assert all(name in modules for name in plan), f"{option}: {plan}"  # it names real layers
+        with_plan.add(option)
+    assert listed == with_plan

@@ -3,7 +3,9 @@
     none      one process (under torchrun, use one of the others)
     ddp       DistributedDataParallel: full replicas, gradients all-reduced
     fsdp      FSDP2 `fully_shard` on each block, then on the root (ZeRO-3 style sharding)
-    tp        tensor parallel over all ranks: q/k/v and fc1 colwise, o and fc2 rowwise
+    tp        tensor parallel over all ranks (`tensor_parallel_plan`): in each block q/k/v and fc1
+              colwise, o and fc2 rowwise (transformer, gpt); the MLP's Linear pairs; the CNN's
+              head fc pair; the GRU's head
     fsdp_tp   2-D mesh (dp, tp): tensor parallel inside each tp group, FSDP2 across dp
 
 Everything here is PyTorch's own engine (DeviceMesh, fully_shard, parallelize_module); this file
@@ -24,7 +26,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config import ParallelConfig
+from trainer.config import ConfigError, ParallelConfig
 from trainer.distributed.env import DistEnv, dtype_of
 
 
@@ -48,6 +50,12 @@ def parallelize(
     model: nn.Module, cfg: ParallelConfig, env: DistEnv, mesh: DeviceMesh | None
 ) -> nn.Module:
     model = model.to(env.device)
+    # Decided from the bare model, in one process too: a debug run refuses what torchrun would.
+    plan = tensor_parallel_plan(model) if cfg.strategy in ("tp", "fsdp_tp") else None
+    if plan is not None and mesh is not None:
+        parallelize_module(model, mesh["tp"], plan)
+    # After tensor parallelism, as torchtitan does: the plan names the blocks' own submodules,
+    # which checkpoint_wrapper would hide behind `_checkpoint_wrapped_module`.
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if mesh is None:
@@ -55,8 +63,6 @@ def parallelize(
     if cfg.strategy == "ddp":
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
-    if cfg.strategy in ("tp", "fsdp_tp"):
-        parallelize_module(model, mesh["tp"], tensor_parallel_plan(model))
     if cfg.strategy in ("fsdp", "fsdp_tp"):
         apply_fsdp(model, mesh["dp"], cfg)
     return model
@@ -88,10 +94,12 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 def tensor_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """Which Linear layers to shard. A model may bring its own `tp_plan()`; otherwise the plan
-    follows the reference models' names (`trainer/models/attention.py` documents them):
-    attention q/k/v and mlp.fc1 colwise, attention o and mlp.fc2 rowwise, so each block needs
-    one all-reduce after attention and one after the MLP. Embeddings and the head stay replicated.
+    """Which Linear layers to shard. A model may bring its own `tp_plan()` (the CNN shards its
+    head's fc pair, the GRU its head); otherwise the plan follows the reference models' names
+    (`trainer/models/attention.py` documents them): in each of `blocks`, attention q/k/v and
+    mlp.fc1 colwise, attention o and mlp.fc2 rowwise, so each block needs one all-reduce after
+    attention and one after the MLP; embeddings and the head stay replicated. A model without
+    blocks, convolutions or recurrence has its Linear layers paired (`linear_pairs_plan`).
     """
     custom = getattr(model, "tp_plan", None)
     if callable(custom):
@@ -105,29 +113,64 @@ def tensor_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
             for name in ("attn.o", "mlp.fc2"):
                 plan[f"blocks.{i}.{name}"] = RowwiseParallel()
         return plan
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if len(linears) >= 2 and not any(
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if len(linears) < 2 or any(
         isinstance(m, (nn.Conv1d, nn.Conv2d, nn.RNNBase)) for m in model.modules()
     ):
-        # An MLP: pair consecutive Linear layers colwise -> rowwise; an odd last one (the head)
-        # stays replicated.
-        plan = {}
-        for first, second in zip(linears[0::2], linears[1::2], strict=False):
-            plan[first] = ColwiseParallel()
-            plan[second] = RowwiseParallel()
-        return plan
-    raise ValueError(
-        f"parallel.strategy: {type(model).__name__} has no tensor-parallel plan; give it a "
-        "`tp_plan()` method, or use parallel=ddp or parallel=fsdp"
-    )
+        raise ConfigError(
+            f"parallel.strategy: {type(model).__name__} has no tensor-parallel plan; give it a "
+            "`tp_plan()` method, or use parallel=ddp or parallel=fsdp"
+        )
+    return linear_pairs_plan(model)
+
+
+# Modules that act on each element alone, so they may sit between a colwise Linear (its output
+# features split across the ranks) and the rowwise one that gathers them.
+ELEMENTWISE = (
+    nn.Identity,
+    nn.Dropout,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Mish,
+)
+
+
+def linear_pairs_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+    """An MLP's plan: consecutive Linear layers paired colwise -> rowwise (an odd last one, the
+    head, stays replicated). Between the two of a pair each rank holds only its share of the
+    features, so only elementwise modules may sit there: a norm over the features (BatchNorm,
+    LayerNorm) would see a part of them, and the model is refused. Order is registration order,
+    which is the forward's in an `nn.Sequential`."""
+    leaves = [(name, m) for name, m in model.named_modules() if not any(m.children())]
+    at = [i for i, (_, m) in enumerate(leaves) if isinstance(m, nn.Linear)]
+    plan: dict[str, ParallelStyle] = {}
+    for first, second in zip(at[0::2], at[1::2], strict=False):
+        for name, module in leaves[first + 1 : second]:
+            if not isinstance(module, ELEMENTWISE):
+                raise ConfigError(
+                    f"parallel.strategy: {type(model).__name__}'s layer {name} "
+                    f"({type(module).__name__}) sits between {leaves[first][0]} and "
+                    f"{leaves[second][0]}, which tensor parallelism pairs, and would see only "
+                    "this rank's share of the features; give the model a `tp_plan()` method, "
+                    "or use parallel=ddp or parallel=fsdp"
+                )
+        plan[leaves[first][0]] = ColwiseParallel()
+        plan[leaves[second][0]] = RowwiseParallel()
+    return plan
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward instead of storing them."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(
-            f"parallel.activation_checkpointing: {type(model).__name__} has no `blocks` to checkpoint"
+        raise ConfigError(
+            f"parallel.activation_checkpointing: {type(model).__name__} has no `blocks` "
+            "(an nn.ModuleList) to checkpoint; set it to false"
         )
     for i, block in enumerate(blocks):
         blocks[i] = checkpoint_wrapper(block)
