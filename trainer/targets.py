@@ -72,6 +72,11 @@ def check_target(
             raise ConfigError(
                 f"{key}.{name}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}"
             )
+    # A target may check what the generic check cannot see: the nested `_target_` nodes it
+    # builds itself (trainer.callbacks.torch_schedule.TorchScheduler's scheduler).
+    check_config = getattr(target, "check_config", None)
+    if check_config is not None:
+        check_config(node, key, allowed)
 
 
 def _matches(value: Any, expected: Any) -> bool:

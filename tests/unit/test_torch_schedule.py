@@ -23,10 +23,16 @@ from torch.optim import lr_scheduler as torch_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for tests.helpers
 
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+import trainer.cli  # noqa: E402
 from tests.helpers import SGD, make_trainer  # noqa: E402
 from trainer.callbacks.base import Callback  # noqa: E402
 from trainer.callbacks.torch_schedule import TorchScheduler  # noqa: E402
-from trainer.config import ConfigError  # noqa: E402
+from trainer.config import (
+    ConfigError,  # noqa: E402
+    validate,  # noqa: E402
+)
 from trainer.loop import Trainer  # noqa: E402
 from trainer.state import TrainState, rate_metrics  # noqa: E402
 
@@ -306,3 +312,30 @@ def test_bad_arguments_are_refused_when_built(arguments, fragment):
     # What Hydra hands over when a config skipped validation (e.g. built by hand).
     with pytest.raises(ConfigError, match=f"^{re.escape(fragment)}"):
         TorchScheduler(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragment"),
+    [
+        (
+            "schedule.scheduler._target_=torch.optim.SGD",
+            "schedule.scheduler._target_",
+            "is not a learning-rate scheduler",
+        ),
+        (
+            "schedule.scheduler.schedulers.1.T_max=many",
+            "schedule.scheduler.schedulers[1].T_max",
+            "expected int",
+        ),
+        (
+            "+schedule.scheduler.schedulers.0.start=0.1",
+            "schedule.scheduler.schedulers[0].start",
+            "unknown key",
+        ),
+    ],
+)
+def test_validation_refuses_a_bad_scheduler_node_naming_its_key(override, key, fragment):
+    with initialize_config_dir(config_dir=str(trainer.cli.recipes_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["schedule=torch_warmup_cosine", override])
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: .*{re.escape(fragment)}"):
+        validate(cfg)

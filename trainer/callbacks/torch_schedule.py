@@ -41,8 +41,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau, SequentialLR
 
 from trainer.callbacks.base import Callback
-from trainer.config import ConfigError, check_target, resolve_target
+from trainer.errors import ConfigError
 from trainer.state import TrainState, rate_metrics
+from trainer.targets import check_target, resolve_target
 
 INTERVALS = ("step", "epoch")
 AUTO = "auto"
