@@ -1,7 +1,7 @@
 """Pruning sweep on MNIST-1D: test accuracy, model size and CPU latency of the MLP and the CNN at
 several sparsities, one-shot without / with fine-tuning and gradual (docs/pruning.md).
 
-    python benchmarks/pruning_sweep.py                      # ~3-6 minutes on 2 CPU cores
+    python benchmarks/pruning_sweep.py                      # about a minute on 2 CPU cores
     python benchmarks/pruning_sweep.py --base-epochs 4 --finetune-epochs 1 --sparsities 0.5
 
 For each model the dense baseline trains once (`--base-epochs`), then every pruned variant starts
