@@ -1,7 +1,7 @@
 """Pruning sweep on MNIST-1D: test accuracy, model size and CPU latency of the MLP and the CNN at
 several sparsities, one-shot without / with fine-tuning and gradual (docs/pruning.md).
 
-    python benchmarks/pruning_sweep.py                      # ~3-6 minutes on 2 CPU cores
+    python benchmarks/pruning_sweep.py                      # about a minute on 2 CPU cores
     python benchmarks/pruning_sweep.py --base-epochs 4 --finetune-epochs 1 --sparsities 0.5
 
 For each model the dense baseline trains once (`--base-epochs`), then every pruned variant starts
@@ -17,7 +17,9 @@ Everything runs through `trainer.build.build_trainer`, `Trainer.fit` and `Traine
 the bytes of the nonzero weights in CSR (unstructured) or of the shrunk model (structured); latency
 is the median forward time of a batch of 256 on one thread, of the dense model and of the pruned
 one: unstructured pruning runs the same dense kernels (no gain); structured pruning is shrunk into
-a smaller dense model first. Writes docs/pruning_accuracy.png; prints markdown tables to stdout.
+a smaller dense model first. Writes docs/pruning_accuracy.png; prints markdown tables to stdout,
+then the command and the machine, torch and hooktrain commit it ran on (also in the figure's
+footer), to paste beside the table.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -38,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import trainer.build as build_module  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
 from trainer.config import CheckpointConfig, DataConfig, TrainConfig  # noqa: E402
 from trainer.distributed.env import DistEnv  # noqa: E402
 from trainer.pruning import masks as M  # noqa: E402
@@ -230,7 +234,7 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(results: dict[str, Any], path: Path, provenance: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,7 +260,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    fig.text(0.005, 0.005, provenance, fontsize=5.5, color="gray", wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
@@ -271,15 +276,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "pruning_accuracy.png")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    command = shlex.join(["python", "benchmarks/pruning_sweep.py", *sys.argv[1:]])
+    ran_on = machine()  # before the sweep: its load average is the one the run started under
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         results = sweep(args, Path(tmp))
-    plot(results, args.out)
+    plot(results, args.out, f"{command} on {ran_on}")
     print(table(results, args))
     print(
         f"\nMNIST-1D test set (1,000 signals); base training {args.base_epochs} epochs; "
         f"latency: batch {LATENCY_BATCH}, 1 thread, median of 50; {time.time() - started:.0f} s "
         f"in all; figure: {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}"
+        f"\n`{command}` on {ran_on}."
     )
 
 

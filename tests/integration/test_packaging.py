@@ -1,4 +1,5 @@
-"""What the Docker images do, minus Docker: lint the Dockerfiles, then run their install step
+"""What the Docker images do, minus Docker: lint the Dockerfiles, check that they install the torch
+CI tests and keep run folders where a mount can reach them, then run their install step
 (`pip install .` of a built wheel) and start `hooktrain` from outside the checkout."""
 
 from __future__ import annotations
@@ -11,9 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
+# The torch CI runs: the one in this environment, which launch/install.sh installs by default.
+TESTED_TORCH = Version(torch.__version__.split("+")[0])
 
 
 def test_both_images_exist_and_lint_clean():
@@ -30,6 +37,40 @@ def test_dockerfile_copies_only_what_exists(dockerfile):
     assert {"pyproject.toml", "trainer", "recipes"} <= set(sources)
     for src in sources:
         assert (REPO / src).exists(), f"{dockerfile.name} copies missing {src}"
+
+
+def test_torch_versions_named_anywhere_are_the_one_ci_tests():
+    """The images' pins, the installer's default and pyproject's lower bound are one release."""
+    install_sh = (REPO / "launch" / "install.sh").read_text()
+    default = re.search(r"HOOKTRAIN_TORCH_VERSION:-([\w.]+)\}", install_sh)
+    assert default and Version(default.group(1)) == TESTED_TORCH, "launch/install.sh"
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        # A pip pin (torch==X) or a base image named by its torch (pytorch/pytorch:X-...).
+        pins = re.findall(r"\btorch==([\w.]+)|pytorch/pytorch:([\d.]+)", text)
+        assert pins, f"{dockerfile.name} does not pin torch"
+        assert {Version(a or b) for a, b in pins} == {TESTED_TORCH}, dockerfile.name
+    # The dependency string (tomllib is 3.11+, the project supports 3.10).
+    (line,) = re.findall(r'^\s*"(torch\b[^"]*)"', (REPO / "pyproject.toml").read_text(), re.M)
+    spec = Requirement(line).specifier
+    (lower,) = [Version(s.version) for s in spec if s.operator == ">="]
+    # Nothing older than the tested release is allowed (its patch releases are).
+    assert lower == Version(f"{TESTED_TORCH.major}.{TESTED_TORCH.minor}"), "pyproject.toml"
+    assert TESTED_TORCH in spec
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_run_folders_land_where_the_documented_mount_is(dockerfile):
+    """Run folders go to outputs/ under the working directory (hydra.run.dir), so the image's
+    working directory must be the folder whose outputs/ the header's `docker run -v` mounts, and
+    writable by any --user (for what is not mounted)."""
+    hydra = OmegaConf.load(REPO / "recipes" / "train.yaml").hydra
+    run_dir = OmegaConf.to_container(hydra, resolve=False)["run"]["dir"]
+    assert run_dir.startswith("outputs/")
+    text = dockerfile.read_text()
+    assert re.findall(r"^WORKDIR\s+(\S+)$", text, flags=re.M)[-1] == "/app"
+    assert '-v "$PWD/outputs:/app/outputs"' in text and '--user "$(id -u):$(id -g)"' in text
+    assert "chmod 1777 /app" in text
 
 
 @pytest.mark.slow

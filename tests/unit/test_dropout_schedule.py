@@ -2,7 +2,8 @@
 
 Forward pre-hooks record ``p`` of every ``nn.Dropout`` and ``attn_dropout`` of every
 ``SelfAttention`` during training forwards; each test compares them with the schedule's closed
-form written out by hand.
+form written out by hand, or, for early and late dropout, with Liu et al.'s per-iteration array
+rebuilt with numpy as their code builds it (`tests/schedule_reference.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.schedule_reference import liu_schedule
 from trainer.build import build_trainer
 from trainer.callbacks.base import Callback
 from trainer.callbacks.dropout_schedule import DropoutSchedule, canonical_name, find_targets
@@ -165,15 +167,15 @@ CASES: dict[str, tuple[dict[str, Any], Any]] = {
     ),
     "early-constant": (
         {"schedule": "early", "start_value": 0.3, "until_step": 7},
-        lambda t: 0.3 if t < 7 else 0.0,
+        lambda t: liu_schedule(0.3, 24, 7, "early", "constant")[t],
     ),
     "early-linear": (
         {"schedule": "early", "start_value": 0.4, "until_step": 8, "early_mode": "linear"},
-        lambda t: 0.4 * (1 - t / 8) if t < 8 else 0.0,
+        lambda t: liu_schedule(0.4, 24, 8, "early", "linear")[t],
     ),
     "late": (
         {"schedule": "late", "start_value": 0.0, "end_value": 0.3, "until_step": 13},
-        lambda t: 0.0 if t < 13 else 0.3,
+        lambda t: liu_schedule(0.3, 24, 13, "late", "constant")[t],
     ),
 }
 
@@ -208,6 +210,17 @@ def test_early_and_late_dropout_switch_at_until_step(tmp_path, schedule, last_of
     else:
         assert (before, after) == (0.0, 0.2)
         assert all(seen[t] == 0 for t in range(11)) and all(seen[t] == 0.2 for t in range(11, 24))
+
+
+@pytest.mark.parametrize("cutoff", [1, 2, 6, 11])
+def test_early_linear_is_liu_et_al_linspace(cutoff):
+    """linspace(p, 0, C) reaches 0 at step C - 1 (0.1, 0.08, ..., 0.0 for C = 6), as in their code;
+    a cutoff of 1 leaves linspace's single entry p."""
+    cb = DropoutSchedule(
+        schedule="early", early_mode="linear", start_value=0.1, end_value=0.0, until_step=cutoff
+    )
+    reference = liu_schedule(0.1, 20, cutoff, "early", "linear")
+    assert [cb.rate(t, 20) for t in range(20)] == pytest.approx(reference.tolist(), abs=1e-15)
 
 
 def test_interval_epoch_holds_the_rate_through_each_epoch(tmp_path):
@@ -317,7 +330,6 @@ def test_a_resumed_run_starts_at_the_rate_of_its_step():
     cb.on_fit_start(state)
     assert model.net[3].p == pytest.approx(0.3)
     assert state.unlogged["dropout/p"] == pytest.approx(0.3)
-    assert cb.state_dict() == {}
     epoch_cb = DropoutSchedule(schedule="linear", start_value=0.5, end_value=0.0, interval="epoch")
     epoch_cb.on_fit_start(state)
     assert model.net[3].p == pytest.approx(0.3)  # epoch 4 of 10
@@ -325,6 +337,28 @@ def test_a_resumed_run_starts_at_the_rate_of_its_step():
     state.epoch = 5
     epoch_cb.on_epoch_start(state)
     assert model.net[3].p == pytest.approx(0.25)
+
+
+def test_checkpoint_holds_the_definition_and_a_changed_one_is_named(recwarn):
+    model = MLP(input_shape=(4,), num_classes=2, hidden=[8])
+    state = TrainState(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        max_steps=100,
+        steps_per_epoch=10,
+        step=40,
+    )
+    saved = DropoutSchedule(schedule="early", start_value=0.2, until_step=50).state_dict()
+    assert saved["definition"]["until_step"] == 50
+    same = DropoutSchedule(schedule="early", start_value=0.2, until_step=50)
+    same.load_state_dict(saved)
+    same.on_fit_start(state)
+    assert not recwarn.list
+    changed = DropoutSchedule(schedule="early", start_value=0.2, until_step=30)
+    changed.load_state_dict(saved)
+    with pytest.warns(RuntimeWarning, match=r"had until_step=50; this run has until_step=30"):
+        changed.on_fit_start(state)
+    assert model.net[3].p == 0.0  # this run's schedule: step 40 is past its switch at 30
 
 
 def test_no_matching_module_is_an_error():

@@ -1,6 +1,9 @@
 """Dropout schedules: the dropout rate as a pure function of the step (or epoch).
 
-The callback drives, before every step (``interval="step"``) or epoch (``interval="epoch"``):
+`RateSchedule` is the schedule and its hooks; `DropoutSchedule` drives dropout with it, and
+`trainer.callbacks.stochastic_depth.StochasticDepthSchedule` the drop-path rates of the
+transformer blocks. `DropoutSchedule` drives, before every step (``interval="step"``) or epoch
+(``interval="epoch"``):
 
 - ``p`` of every ``nn.Dropout``-family module (``nn.Dropout``, ``Dropout1d/2d/3d``,
   ``AlphaDropout``, ``FeatureAlphaDropout``), and
@@ -24,20 +27,25 @@ same unit (``max_steps``, or ``ceil(max_steps / steps_per_epoch)`` epochs); ``D 
     linear    p(t) = s + (e - s) * min(t / D, 1)
     cosine    p(t) = e + (s - e) * (1 + cos(pi * min(t / D, 1))) / 2
     step      p(t) = s before milestones[0], values[i] from milestones[i] on (until the next one)
-    early     t < D: s (early_mode=constant) or s + (e - s) * t / D (early_mode=linear);
-              t >= D: e
+    early     t < D: s (early_mode=constant), or s + (e - s) * t / (D - 1) (early_mode=linear;
+              s when D = 1);  t >= D: e
     late      t < D: s;  t >= D: e
 
-``early`` and ``late`` are Liu et al. 2023, "Dropout Reduces Underfitting": early dropout uses rate
-``p = start_value`` for the first ``until_step`` steps (held, or decreased linearly) and then
-``end_value = 0``; late dropout uses ``start_value = 0`` for the first ``until_step`` steps and then
-``p = end_value``. Both need ``until_step``; ``early`` requires ``start_value > end_value`` and
-``late`` ``end_value > start_value`` (the defaults 0.1 -> 0.0 are early dropout, so a late schedule
-must set both values).
+``early`` and ``late`` are Liu et al. 2023, "Dropout Reduces Underfitting", as their code defines
+them (``drop_scheduler.py`` of facebookresearch/dropout: one rate per iteration ``t``, the
+optimizer steps done, which is ``state.step`` here): early dropout uses rate ``p = start_value``
+for the first ``until_step`` steps, held (``np.full(D, p)``) or decreased linearly
+(``np.linspace(p, 0, D)``, which reaches 0 at step D - 1), and then ``end_value = 0``; late
+dropout uses ``start_value = 0`` for the first ``until_step`` steps and then ``p = end_value``.
+Both need ``until_step``; ``early`` requires ``start_value > end_value`` and ``late``
+``end_value > start_value`` (the defaults 0.1 -> 0.0 are early dropout, so a late schedule must
+set both values).
 
 The rate is applied in ``on_fit_start`` (so a resumed run starts with the rate of the step it
 resumes at) and then in ``on_step_start`` (or ``on_epoch_start``), and logged as ``dropout/p``.
-Being a pure function of the counters, it needs no saved state: ``state_dict()`` is ``{}``.
+It is a pure function of the counters, so a resume recomputes it; the checkpoint holds the
+schedule's definition (``state_dict()``), and a run that resumes with another definition is
+warned which keys changed (the rates then follow this run's configuration).
 
 DDP keeps the user's module objects and FSDP2/TP modify the model in place, so setting the rate
 on this rank's modules is all there is to do on every strategy. Under ``compile=true`` a changed
@@ -50,6 +58,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,8 +75,8 @@ EARLY_MODES = ("constant", "linear")
 WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
 
 
-class DropoutSchedule(Callback):
-    """Set every (or every matching) dropout rate from a schedule; see the module docstring.
+class RateSchedule(Callback):
+    """A rate from a schedule (the module docstring), set on the modules `find_targets` returns.
 
     Args:
         schedule: constant | linear | cosine | step | early | late.
@@ -80,8 +89,10 @@ class DropoutSchedule(Callback):
         early_mode: ``early`` only: constant (hold start_value) or linear (decrease to end_value).
         interval: step (update before each optimizer step) or epoch (before each epoch).
         pattern: a regex; only modules whose unwrapped name matches it (``re.search``) are driven.
-        include_attention: also drive float ``attn_dropout`` attributes.
     """
+
+    metric = "rate"  # the key the rate is logged under
+    what = "module"  # what the schedule drives, for the message when the model has none
 
     def __init__(
         self,
@@ -94,12 +105,11 @@ class DropoutSchedule(Callback):
         early_mode: str = "constant",
         interval: str = "step",
         pattern: str | None = None,
-        include_attention: bool = True,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
         for name, rate in (("start_value", start_value), ("end_value", end_value)):
-            _check_rate(name, rate)
+            self.check_rate(name, rate)
         if until_step is not None and (
             isinstance(until_step, bool) or not isinstance(until_step, int) or until_step < 1
         ):
@@ -120,7 +130,7 @@ class DropoutSchedule(Callback):
             if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
                 raise ValueError(f"milestones must be strictly increasing, got {milestones!r}")
             for i, rate in enumerate(values):
-                _check_rate(f"values[{i}]", rate)
+                self.check_rate(f"values[{i}]", rate)
         elif milestones or values:
             raise ValueError(
                 f"milestones and values are used by schedule=step only (schedule={schedule})"
@@ -130,13 +140,14 @@ class DropoutSchedule(Callback):
                 raise ValueError(f"until_step: schedule={schedule} needs the step of the switch")
             if schedule == "early" and not start_value > end_value:
                 raise ValueError(
-                    f"start_value: early dropout starts above end_value; got "
+                    f"start_value: an early schedule starts above end_value; got "
                     f"start_value={start_value}, end_value={end_value}"
                 )
             if schedule == "late" and not end_value > start_value:
                 raise ValueError(
-                    f"end_value: late dropout ends above start_value (Liu et al.: start_value=0, "
-                    f"end_value=p); got start_value={start_value}, end_value={end_value}"
+                    f"end_value: a late schedule ends above start_value (Liu et al.: "
+                    f"start_value=0, end_value=p); got start_value={start_value}, "
+                    f"end_value={end_value}"
                 )
         if early_mode not in EARLY_MODES:
             raise ValueError(
@@ -149,8 +160,6 @@ class DropoutSchedule(Callback):
                 re.compile(pattern)
             except (re.error, TypeError) as err:
                 raise ValueError(f"pattern {pattern!r} is not a valid regex ({err})") from None
-        if not isinstance(include_attention, bool):
-            raise ValueError(f"include_attention must be true or false, got {include_attention!r}")
         self.schedule = schedule
         self.start_value = float(start_value)
         self.end_value = float(end_value)
@@ -160,11 +169,41 @@ class DropoutSchedule(Callback):
         self.early_mode = early_mode
         self.interval = interval
         self.pattern = pattern
-        self.include_attention = include_attention
-        # (module, attribute) pairs found in on_fit_start
-        self.targets: list[tuple[nn.Module, str]] = []
+        # (module, attribute, scale) found in on_fit_start: the attribute is set to rate * scale
+        self.targets: list[tuple[nn.Module, str, float]] = []
         self.target_names: list[str] = []
         self.current: float | None = None
+        self._saved_definition: dict[str, Any] | None = None  # from a checkpoint
+
+    @staticmethod
+    def check_rate(name: str, rate: Any) -> None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be a dropout rate in [0, 1], got {rate!r}")
+
+    def find_targets(
+        self, model: nn.Module, pattern: str | None
+    ) -> tuple[list[tuple[nn.Module, str, float]], list[str]]:
+        """The (module, attribute, scale) triples this schedule drives in `model` (those whose
+        name `pattern` matches, if given), and their display names."""
+        raise NotImplementedError
+
+    def search_note(self) -> str:
+        """What else decided the search, for the message when nothing matches."""
+        return ""
+
+    def definition(self) -> dict[str, Any]:
+        """The arguments that define the schedule (what a checkpoint records)."""
+        return {
+            "schedule": self.schedule,
+            "start_value": self.start_value,
+            "end_value": self.end_value,
+            "until_step": self.until_step,
+            "milestones": list(self.milestones),
+            "values": list(self.values),
+            "early_mode": self.early_mode,
+            "interval": self.interval,
+            "pattern": self.pattern,
+        }
 
     # ------------------------------------------------------------------------- the schedule
     def rate(self, t: int, total: int) -> float:
@@ -184,7 +223,8 @@ class DropoutSchedule(Callback):
         if t >= length:
             return e
         if self.schedule == "early" and self.early_mode == "linear":
-            return s + (e - s) * progress
+            # np.linspace(s, e, D)[t], as Liu et al. index it: e is reached at t = D - 1
+            return s + (e - s) * t / (length - 1) if length > 1 else s
         return s  # early (constant) and late before the switch
 
     def position(self, state: TrainState) -> tuple[int, int]:
@@ -195,20 +235,34 @@ class DropoutSchedule(Callback):
 
     # ------------------------------------------------------------------------- hooks
     def on_fit_start(self, state: TrainState) -> None:
-        self.targets, self.target_names = find_targets(
-            state.model, self.pattern, self.include_attention
-        )
+        self.targets, self.target_names = self.find_targets(state.model, self.pattern)
         if not self.targets:
-            found, _ = find_targets(state.model, None, self.include_attention)
+            found, _ = self.find_targets(state.model, None)
             names = [n for n in _module_names(state.model) if n]
             raise RuntimeError(
-                "DropoutSchedule: no dropout module "
+                f"{type(self).__name__}: no {self.what} "
                 + (f"matches pattern {self.pattern!r}" if self.pattern else "in the model")
-                + f" ({len(found)} dropout rate(s) in all, include_attention="
-                f"{self.include_attention}); module names: {', '.join(names[:40])}"
+                + f" ({len(found)} in all{self.search_note()}); module names: "
+                + ", ".join(names[:40])
                 + (" ..." if len(names) > 40 else "")
             )
+        self._warn_if_redefined()
         self._apply(state)
+
+    def _warn_if_redefined(self) -> None:
+        saved, self._saved_definition = self._saved_definition, None
+        now = self.definition()
+        changed = sorted(k for k in now if saved is not None and saved.get(k) != now[k])
+        if changed:
+            warnings.warn(
+                f"{type(self).__name__}: the checkpoint's schedule had "
+                + ", ".join(f"{k}={saved[k]!r}" for k in changed)
+                + "; this run has "
+                + ", ".join(f"{k}={now[k]!r}" for k in changed)
+                + ", which the rates follow from the resumed step on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def on_epoch_start(self, state: TrainState) -> None:
         if self.interval == "epoch":
@@ -220,17 +274,61 @@ class DropoutSchedule(Callback):
 
     def _apply(self, state: TrainState) -> None:
         value = self.rate(*self.position(state))
-        for module, attr in self.targets:
-            setattr(module, attr, value)
+        for module, attr, scale in self.targets:
+            setattr(module, attr, value * scale)
         self.current = value
-        state.log({"dropout/p": value})
+        state.log({self.metric: value})
 
     def state_dict(self) -> dict[str, Any]:
-        """Empty on purpose: the rate is recomputed from the step (or epoch) on resume."""
-        return {}
+        """The schedule's definition; the rate itself is recomputed from the step on resume."""
+        return {"definition": self.definition()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self._saved_definition = state.get("definition")
+
+
+class DropoutSchedule(RateSchedule):
+    """Set every (or every matching) dropout rate from a schedule; see the module docstring.
+
+    Takes `RateSchedule`'s arguments, and:
+        include_attention: also drive float ``attn_dropout`` attributes.
+    """
+
+    metric = "dropout/p"
+    what = "dropout module"
+
+    # The arguments are spelled out (not *args, **kwargs) so that config validation sees them.
+    def __init__(
+        self,
+        schedule: str = "constant",
+        start_value: float = 0.1,
+        end_value: float = 0.0,
+        until_step: int | None = None,
+        milestones: Sequence[int] = (),
+        values: Sequence[float] = (),
+        early_mode: str = "constant",
+        interval: str = "step",
+        pattern: str | None = None,
+        include_attention: bool = True,
+    ) -> None:
+        super().__init__(
+            schedule, start_value, end_value, until_step, milestones, values, early_mode,
+            interval, pattern,
+        )  # fmt: skip
+        if not isinstance(include_attention, bool):
+            raise ValueError(f"include_attention must be true or false, got {include_attention!r}")
+        self.include_attention = include_attention
+
+    def find_targets(
+        self, model: nn.Module, pattern: str | None
+    ) -> tuple[list[tuple[nn.Module, str, float]], list[str]]:
+        return find_targets(model, pattern, self.include_attention)
+
+    def search_note(self) -> str:
+        return f", include_attention={self.include_attention}"
+
+    def definition(self) -> dict[str, Any]:
+        return {**super().definition(), "include_attention": self.include_attention}
 
 
 def canonical_name(name: str) -> str:
@@ -243,31 +341,35 @@ def _module_names(model: nn.Module) -> list[str]:
     return [canonical_name(n) for n, _ in unwrap(model).named_modules()]
 
 
-def find_targets(
-    model: nn.Module, pattern: str | None, include_attention: bool
-) -> tuple[list[tuple[nn.Module, str]], list[str]]:
-    """The (module, attribute) pairs a schedule drives, and their display names
-    (``net.2.p``, ``blocks.0.attn.attn_dropout``)."""
+def named_modules(model: nn.Module, pattern: str | None) -> list[tuple[str, nn.Module]]:
+    """(canonical name, module) of each module of the unwrapped `model` once, in order; with
+    `pattern`, those whose name it matches (``re.search``)."""
     regex = re.compile(pattern) if pattern is not None else None
-    targets: list[tuple[nn.Module, str]] = []
-    names: list[str] = []
+    found: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
     for raw, module in unwrap(model).named_modules():
         name = canonical_name(raw)
         if id(module) in seen or (regex is not None and not regex.search(name)):
             continue
+        seen.add(id(module))
+        found.append((name, module))
+    return found
+
+
+def find_targets(
+    model: nn.Module, pattern: str | None, include_attention: bool
+) -> tuple[list[tuple[nn.Module, str, float]], list[str]]:
+    """The (module, attribute, 1.0) triples a dropout schedule drives, and their display names
+    (``net.2.p``, ``blocks.0.attn.attn_dropout``)."""
+    targets: list[tuple[nn.Module, str, float]] = []
+    names: list[str] = []
+    for name, module in named_modules(model, pattern):
         if isinstance(module, nn.modules.dropout._DropoutNd):
             attr = "p"
         elif include_attention and isinstance(getattr(module, "attn_dropout", None), float):
             attr = "attn_dropout"
         else:
             continue
-        seen.add(id(module))
-        targets.append((module, attr))
+        targets.append((module, attr, 1.0))
         names.append(f"{name}.{attr}" if name else attr)
     return targets, names
-
-
-def _check_rate(name: str, rate: Any) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
-        raise ValueError(f"{name} must be a dropout rate in [0, 1], got {rate!r}")

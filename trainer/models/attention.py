@@ -8,9 +8,11 @@ to, relative to each entry of a model's ``blocks`` (``nn.ModuleList``, one FSDP2
 - ``attn.o``: ``nn.Linear(dim, dim)``, shard rowwise
 - ``mlp.fc1``: ``nn.Linear(dim, mlp_ratio * dim)``, shard colwise
 - ``mlp.fc2``: ``nn.Linear(mlp_ratio * dim, dim)``, shard rowwise
+- ``drop_path``: `DropPath` (stochastic depth) on both residual branches; no parameters
 
-Run-time knobs a dropout schedule can set: ``SelfAttention.attn_dropout`` (a plain float, the
-dropout on attention weights) and the ``p`` of the ``nn.Dropout`` modules.
+Run-time knobs a schedule can set: ``SelfAttention.attn_dropout`` (a plain float, the dropout on
+attention weights) and the ``p`` of the ``nn.Dropout`` modules (`DropoutSchedule`), and the ``p``
+of each block's ``drop_path`` (`StochasticDepthSchedule`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .drop_path import DropPath, check_rate, depth_scales
 
 
 class SelfAttention(nn.Module):
@@ -87,10 +91,11 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+    """Pre-norm block: ``x + drop_path(attn(norm1(x)))`` then ``x + drop_path(mlp(norm2(x)))``.
 
     Pre-norm (GPT-2 / ViT) keeps the residual path an identity, which trains stably without
-    learning-rate warmup tricks at these small sizes.
+    learning-rate warmup tricks at these small sizes. ``drop_path`` is this block's stochastic
+    depth rate and ``depth_scale`` its share of the model's rate (`trainer.models.drop_path`).
     """
 
     def __init__(
@@ -101,6 +106,8 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         causal: bool = False,
+        drop_path: float = 0.0,
+        depth_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -109,7 +116,37 @@ class TransformerBlock(nn.Module):
         )
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp_ratio * dim, dropout=dropout)
+        self.drop_path = DropPath(drop_path, depth_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def transformer_blocks(
+    depth: int,
+    dim: int,
+    heads: int,
+    *,
+    mlp_ratio: int,
+    dropout: float,
+    attn_dropout: float,
+    causal: bool,
+    drop_path: float,
+    drop_path_rule: str,
+) -> nn.ModuleList:
+    """``depth`` blocks; block ``i`` gets the drop-path rate ``drop_path * depth_scales[i]``."""
+    rate = check_rate("drop_path", drop_path)
+    return nn.ModuleList(
+        TransformerBlock(
+            dim,
+            heads,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            causal=causal,
+            drop_path=rate * scale,
+            depth_scale=scale,
+        )
+        for scale in depth_scales(depth, drop_path_rule)
+    )

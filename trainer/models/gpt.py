@@ -9,11 +9,14 @@ Module names (for FSDP2 wrapping and tensor-parallel plans):
 
 - ``tok_emb``: ``nn.Embedding(vocab, dim)``; ``pos_emb``: ``nn.Embedding(block_size, dim)``
 - ``blocks``: ``nn.ModuleList`` of `TransformerBlock`, each with ``norm1``, ``attn``
-  (``q``/``k``/``v``/``o``), ``norm2``, ``mlp`` (``fc1``/``fc2``)
+  (``q``/``k``/``v``/``o``), ``norm2``, ``mlp`` (``fc1``/``fc2``), ``drop_path``
 - ``norm``: final ``nn.LayerNorm``; ``head``: ``nn.Linear(dim, vocab, bias=False)``
 
 Attention-weight dropout lives in each ``blocks[i].attn.attn_dropout`` (a float that can be
-changed at run time).
+changed at run time). ``drop_path`` is the stochastic depth rate (Huang et al. 2016): block ``i``
+drops its residual branches with ``blocks[i].drop_path.p``, the same rate for every block
+(``drop_path_rule=constant``) or rising linearly from 0 at the first block to ``drop_path`` at the
+last (``linear``, the default); see `trainer.models.drop_path`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .attention import TransformerBlock
+from .attention import transformer_blocks
 
 
 class TinyGPT(nn.Module):
@@ -45,6 +48,8 @@ class TinyGPT(nn.Module):
         mlp_ratio: int = 4,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        drop_path_rule: str = "linear",
     ) -> None:
         super().__init__()
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -55,16 +60,16 @@ class TinyGPT(nn.Module):
         self.tok_emb = nn.Embedding(num_classes, dim)
         self.pos_emb = nn.Embedding(self.block_size, dim)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                dim,
-                heads,
-                mlp_ratio=mlp_ratio,
-                dropout=dropout,
-                attn_dropout=attn_dropout,
-                causal=True,
-            )
-            for _ in range(depth)
+        self.blocks = transformer_blocks(
+            depth,
+            dim,
+            heads,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            causal=True,
+            drop_path=drop_path,
+            drop_path_rule=drop_path_rule,
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes, bias=False)

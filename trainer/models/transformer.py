@@ -8,11 +8,14 @@ Module names (for FSDP2 wrapping and tensor-parallel plans):
 
 - ``embed``: ``nn.Linear(F, dim)`` input projection; ``pos_emb``: ``nn.Embedding(T, dim)``
 - ``blocks``: ``nn.ModuleList`` of `TransformerBlock`, each with ``norm1``, ``attn``
-  (``q``/``k``/``v``/``o``), ``norm2``, ``mlp`` (``fc1``/``fc2``)
+  (``q``/``k``/``v``/``o``), ``norm2``, ``mlp`` (``fc1``/``fc2``), ``drop_path``
 - ``norm``: final ``nn.LayerNorm``; ``head``: ``nn.Linear(dim, num_classes)``
 
 Attention-weight dropout lives in each ``blocks[i].attn.attn_dropout`` (a float that can be
-changed at run time).
+changed at run time). ``drop_path`` is the stochastic depth rate (Huang et al. 2016): block ``i``
+drops its residual branches with ``blocks[i].drop_path.p``, the same rate for every block
+(``drop_path_rule=constant``) or rising linearly from 0 at the first block to ``drop_path`` at the
+last (``linear``, the default); see `trainer.models.drop_path`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .attention import TransformerBlock
+from .attention import transformer_blocks
 from .sequence import sequence_shape, to_sequence
 
 
@@ -40,6 +43,8 @@ class TransformerClassifier(nn.Module):
         mlp_ratio: int = 4,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        drop_path_rule: str = "linear",
     ) -> None:
         super().__init__()
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -51,16 +56,16 @@ class TransformerClassifier(nn.Module):
         # projected inputs at the start; nn.Embedding's default N(0, 1) would.
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                dim,
-                heads,
-                mlp_ratio=mlp_ratio,
-                dropout=dropout,
-                attn_dropout=attn_dropout,
-                causal=False,
-            )
-            for _ in range(depth)
+        self.blocks = transformer_blocks(
+            depth,
+            dim,
+            heads,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            causal=False,
+            drop_path=drop_path,
+            drop_path_rule=drop_path_rule,
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
