@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from tests.schedule_reference import liu_schedule
 from trainer.build import build_trainer
 from trainer.callbacks.base import Callback
 from trainer.callbacks.dropout_schedule import canonical_name
@@ -219,7 +220,7 @@ def test_fsdp_transformer_schedule_stop_and_restore_best_weights(results):
         assert r["es_best_step"] == 8
         # The weights in the model after the fit are this rank's shards of the epoch-0 weights.
         assert r["final_equals"] == {8: True, 16: False}
-        early = lambda t: 0.3 * (1 - t / 6) if t < 6 else 0.0  # noqa: E731
+        early = lambda t: liu_schedule(0.3, 16, 6, "early", "linear")[t]  # noqa: E731
         sites = [f"blocks.{i}.attn.attn_dropout" for i in range(2)]
         sites += ["dropout.p", "blocks.0.attn.dropout.p", "blocks.1.mlp.dropout.p"]
         for site in sites:
