@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from trainer.allocator import keep_freed_memory
+from trainer.callbacks.base import Callback
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig
 from trainer.data.datasets import DataSplits
@@ -77,6 +78,7 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
         "flops_per_sample": train_flops_per_sample(model, inputs, targets),
         "tokens_per_sample": targets[0].numel(),
     }
+    bare_model = model  # wrapping keeps its modules: callbacks look them up by name
     mesh, env = build_mesh(cfg.parallel, env)
     model = parallelize(model, cfg.parallel, env, mesh)
     if cfg.compile:
@@ -86,6 +88,7 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
     train = train_loader(splits.train, cfg.data, env, cfg.seed)
     check_batch_fits(train, len(splits.train), cfg, env)
     callbacks = build_callbacks(cfg, str(run_dir))
+    check_callbacks_fit(bare_model, callbacks)
     # validate() assumed a validation split; the data may have none.
     check_monitors(cfg, callbacks, validates=cfg.val_every_epochs > 0 and len(splits.val) > 0)
     trainer = Trainer(
@@ -123,6 +126,18 @@ def check_model_fits(
         ) from None
     finally:
         model.train(was_training)
+
+
+def check_callbacks_fit(model: torch.nn.Module, callbacks: list[tuple[str, Callback]]) -> None:
+    """A callback with a `check_model(model)` method (e.g. a schedule that needs dropout or
+    drop-path modules) refuses a model it cannot work on here, as a config error naming it."""
+    for key, callback in callbacks:
+        check = getattr(callback, "check_model", None)
+        if check is not None:
+            try:
+                check(model)
+            except ValueError as err:
+                raise ConfigError(f"{key}: {err}") from None
 
 
 def check_batch_fits(loader: DataLoader, samples: int, cfg: TrainConfig, env: DistEnv) -> None:

@@ -172,6 +172,15 @@ def test_values_the_data_or_model_rule_out_are_refused_while_building(tmp_path, 
     assert message.startswith(start), message
 
 
+def test_a_schedule_for_modules_the_model_lacks_is_refused_while_building(tmp_path):
+    # The test MLP has neither dropout modules (dropout=0 builds none) nor drop-path ones.
+    schedule = {"_target_": "trainer.callbacks.stochastic_depth.StochasticDepthSchedule"}
+    schedule |= {"schedule": "early", "start_value": 0.1, "until_step": 4}
+    message = rejected_by_build(tmp_path, callbacks={"stochastic_depth": schedule})
+    assert message.startswith("callbacks.stochastic_depth: StochasticDepthSchedule: no DropPath")
+    assert "\n" not in message
+
+
 def test_a_batch_larger_than_a_ranks_share_of_the_split_is_refused(tmp_path):
     train = len(synthetic(**{k: v for k, v in DATASET.items() if k != "_target_"}).train)
     message = rejected_by_build(tmp_path, data={"batch_size": train + 1})

@@ -369,11 +369,11 @@ def test_no_matching_module_is_an_error():
         max_steps=10,
         steps_per_epoch=5,
     )
-    with pytest.raises(RuntimeError, match=r"matches pattern 'attn'.*net\.2"):
+    with pytest.raises(ValueError, match=r"matches pattern 'attn'.*net\.2"):
         DropoutSchedule(pattern="attn").on_fit_start(state)
     plain = nn.Sequential(nn.Linear(4, 2))
     state.model = plain
-    with pytest.raises(RuntimeError, match="no dropout module in the model"):
+    with pytest.raises(ValueError, match="no dropout module in the model"):
         DropoutSchedule().on_fit_start(state)
 
 

@@ -225,7 +225,7 @@ def test_the_schedule_needs_drop_path_modules():
         max_steps=10,
         steps_per_epoch=5,
     )
-    with pytest.raises(RuntimeError, match="no DropPath module .*in the model"):
+    with pytest.raises(ValueError, match="no DropPath module .*in the model"):
         StochasticDepthSchedule().on_fit_start(state)
 
 

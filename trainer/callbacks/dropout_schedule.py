@@ -234,18 +234,24 @@ class RateSchedule(Callback):
         return state.step, state.max_steps
 
     # ------------------------------------------------------------------------- hooks
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError if the model has nothing this schedule can set. The trainer calls it
+        once the model is built, so that a config naming the wrong model is a config error."""
+        if self.find_targets(model, self.pattern)[0]:
+            return
+        found, _ = self.find_targets(model, None)
+        names = [n for n in _module_names(model) if n]
+        raise ValueError(
+            f"{type(self).__name__}: no {self.what} "
+            + (f"matches pattern {self.pattern!r}" if self.pattern else "in the model")
+            + f" ({len(found)} in all{self.search_note()}); module names: "
+            + ", ".join(names[:40])
+            + (" ..." if len(names) > 40 else "")
+        )
+
     def on_fit_start(self, state: TrainState) -> None:
+        self.check_model(state.model)
         self.targets, self.target_names = self.find_targets(state.model, self.pattern)
-        if not self.targets:
-            found, _ = self.find_targets(state.model, None)
-            names = [n for n in _module_names(state.model) if n]
-            raise RuntimeError(
-                f"{type(self).__name__}: no {self.what} "
-                + (f"matches pattern {self.pattern!r}" if self.pattern else "in the model")
-                + f" ({len(found)} in all{self.search_note()}); module names: "
-                + ", ".join(names[:40])
-                + (" ..." if len(names) > 40 else "")
-            )
         self._warn_if_redefined()
         self._apply(state)
 
