@@ -10,25 +10,21 @@ Layout of `<run dir>/checkpoints/step_00000120/`::
 
 A save goes to `step_N.partial/`; rank 0 writes the manifest once every rank has finished, then
 renames the folder to `step_N`, so a folder named `step_N` is complete by construction and a
-crash mid-save leaves the previous checkpoint untouched. The folder is the temporary: every file
-in it is fsynced (DCP's shards by DCP, ours by `_write_atomic`, which also writes through a
-temporary name), then the folder itself, then the rename is fsynced in its parent. Deleting works
-the other way round: an old checkpoint is renamed to `step_N.deleting` before its files go, so a
-crash midway never leaves a partial folder under a final name; leftovers of either kind are
-removed at the next commit. Old checkpoints are deleted only after the new one is committed.
-DCP writes through a gloo process group of its own, so that a background save
-(`async_save`) never interleaves its collectives with the training's on the training group.
+crash mid-save leaves the previous checkpoint untouched. Every file is fsynced (DCP's shards by
+DCP, ours by `_write_atomic`), then the folder, then the rename in its parent. Old checkpoints go
+only after the new one is committed, renamed to `step_N.deleting` first, so that a crash midway
+never leaves a partial folder under a final name; leftovers are removed at the next commit. DCP
+writes through a gloo process group of its own, so that a background save (`async_save`) never
+mixes its collectives with the training's. The loaders' generators need no saving: they are
+reseeded from (seed, epoch), and the data position is the epoch and the batches consumed in it.
 
-The loaders' generators need no saving: they are reseeded from (seed, epoch), and the data
-position is the epoch and the batches consumed in it.
-
-Before a resume uses a checkpoint, `verify` (trainer/checkpoint_reader.py) checks that its
-manifest lists every file its world size implies and every file's checksum. Nothing in a
-checkpoint is unpickled except through an allowlist: DCP's `.metadata` by a restricted unpickler,
-DCP's non-tensor values and our own files by `torch.load(weights_only=True)`; and no file the
-manifest does not list is read. `resume=auto` takes the newest checkpoint that verifies on every
-rank, skipping damaged ones with a warning; it stops with a CheckpointError when checkpoints exist
-but none is usable, leaving them as they are.
+A resume first runs `verify` (trainer/checkpoint_reader.py): the manifest must list every file
+its world size implies, with matching checksums. Nothing is unpickled except through an
+allowlist (DCP's `.metadata` by a restricted unpickler, everything else by
+`torch.load(weights_only=True)`), and no file the manifest does not list is read. `resume=auto`
+takes the newest checkpoint that verifies on every rank, skipping damaged ones with a warning,
+and stops with a CheckpointError when checkpoints exist but none is usable, leaving them as
+they are.
 """
 
 from __future__ import annotations
@@ -58,10 +54,9 @@ from trainer.checkpoint_reader import (
     CheckpointError,
     ListedFilesReader,
     WeightsOnlyLoadPlanner,
+    check_complete,
     committed,
-    read_metadata,
     refuse_run_folder,
-    required_files,
     rng_file,
     sha256,
     verify,
@@ -72,8 +67,6 @@ from trainer.distributed.env import all_reduce_max, any_rank, dist_rank, several
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
-
-__all__ = ["MANIFEST", "TRAINER_STATE", "CheckpointError", "Checkpointer", "load", "verify"]
 
 # DCP warns, on every save and load, that a world of one saves and loads in one process.
 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
@@ -161,15 +154,11 @@ class Checkpointer:
         if dist_rank() == 0:
             with self._reporting_failure(partial):
                 files = {p.name: sha256(p) for p in sorted(partial.iterdir()) if p.is_file()}
-                _check_complete(partial, files, world_size)
-                manifest = {
-                    "step": step,
-                    "world_size": world_size,
-                    "monitor": {self.cfg.best_monitor: best_value}
-                    if best_value is not None
-                    else {},
-                    "files": files,
-                }
+                # Never commit a checkpoint that lacks a file a resume needs
+                check_complete(partial, set(files), world_size)
+                monitor = {self.cfg.best_monitor: best_value} if best_value is not None else {}
+                manifest = {"step": step, "world_size": world_size, "monitor": monitor}
+                manifest["files"] = files
                 _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
                 _fsync_dir(partial)  # the folder's entries are on disk before it is renamed
                 if final.exists():  # a stale checkpoint of this step, from before a resume
@@ -383,15 +372,6 @@ def _cause(err: BaseException) -> str:
     if isinstance(err, dcp.api.CheckpointException):
         return "; ".join(f"rank {r}: {_cause(e)}" for r, (e, _) in err.failures.items())
     return " ".join(f"{type(err).__name__}: {err}".split())
-
-
-def _check_complete(partial: Path, files: dict[str, str], world_size: int) -> None:
-    """Refuse to commit a checkpoint without every file a resume needs (a rank's RNG state, a
-    data file that DCP's metadata names), rather than commit one that resumes differently."""
-    missing = [name for name in required_files(world_size) if name not in files]
-    if missing:
-        raise CheckpointError(f"{partial / missing[0]}: was not written")
-    read_metadata(partial, set(files))
 
 
 def _discard(folder: Path) -> None:

@@ -78,23 +78,29 @@ def verify(folder: Path) -> dict[str, Any]:
     for name in files:
         if Path(name).name != name or name in ("", ".", ".."):
             raise CheckpointError(f"{manifest_path}: lists {name!r}, which is not a file name")
-    for name in required_files(world_size):
-        if name not in files:
-            raise CheckpointError(
-                f"{folder / name}: not in the manifest of a {world_size}-rank checkpoint, "
-                "so the checkpoint is incomplete"
-            )
     for name, digest in files.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the manifest but missing")
         if sha256(path) != digest:
             raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted)")
-    metadata = read_metadata(folder, set(files))
+    metadata = check_complete(folder, set(files), world_size)
     for index, info in metadata.storage_data.items():
         if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             _load_weights_only(_read_slice(folder / info.relative_path, info), folder, info)
     return manifest
+
+
+def check_complete(folder: Path, listed: set[str], world_size: int) -> Metadata:
+    """That `listed` (the manifest's names) holds every file a checkpoint of `world_size` ranks
+    needs: ours, DCP's `.metadata`, and every data file that names; returns the metadata."""
+    for name in required_files(world_size):
+        if name not in listed:
+            raise CheckpointError(
+                f"{folder / name}: missing from a checkpoint of {world_size} ranks, so the "
+                "checkpoint is incomplete"
+            )
+    return read_metadata(folder, listed)
 
 
 def read_metadata(folder: Path, listed: set[str]) -> Metadata:
