@@ -110,15 +110,29 @@ def read_metadata(folder: Path, listed: set[str]) -> Metadata:
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+    except Exception as err:  # refused, truncated or junk: pickle raises many kinds
         raise CheckpointError(f"{path}: not DCP metadata hooktrain can read ({err})") from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+    # The allowlist built only DCP's classes, but their fields may hold anything: check the
+    # shapes that reading relies on.
+    if not (
+        isinstance(metadata, Metadata)
+        and isinstance(metadata.state_dict_metadata, dict)
+        and isinstance(metadata.storage_data, dict)
+        and all(isinstance(index, MetadataIndex) for index in metadata.storage_data)
+    ):
         raise CheckpointError(f"{path}: not DCP metadata ({type(metadata).__name__})")
     for info in metadata.storage_data.values():
-        if not isinstance(info, _StorageInfo) or info.relative_path not in listed:
-            where = getattr(info, "relative_path", info)
-            raise CheckpointError(f"{path}: points at {where!r}, a file not in the manifest")
-        if info.transform_descriptors or not 0 <= info.offset <= info.offset + info.length:
+        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str):
+            raise CheckpointError(f"{path}: holds {info!r} where a file's entry belongs")
+        if info.relative_path not in listed:
+            raise CheckpointError(
+                f"{path}: points at {info.relative_path!r}, a file not in the manifest"
+            )
+        if (
+            info.transform_descriptors
+            or not (isinstance(info.offset, int) and isinstance(info.length, int))
+            or not 0 <= info.offset <= info.offset + info.length
+        ):
             raise CheckpointError(
                 f"{path}: an entry of {info.relative_path} hooktrain never writes"
             )
