@@ -1,4 +1,4 @@
-"""Checkpoints: one folder per step, committed atomically, verified by checksums before use.
+"""Checkpoints: one folder per step, committed atomically, verified before use.
 
 Layout of `<run dir>/checkpoints/step_00000120/`::
 
@@ -6,23 +6,30 @@ Layout of `<run dir>/checkpoints/step_00000120/`::
                               sharded per rank, reloadable on another world size
     trainer_state.pt          loop counters, every callback's state, the grad scaler (rank 0)
     rng_rank{r}.pt            each rank's torch / CUDA / numpy / random generator states
-    manifest.json             sha256 of every file above; written last
+    manifest.json             the world size, and the sha256 of every file above; written last
 
 A save goes to `step_N.partial/`; rank 0 writes the manifest once every rank has finished, then
-renames the folder to `step_N`, so a folder without `.partial` is complete by construction and a
-crash mid-save leaves the previous checkpoint untouched. The folder is the temporary: every file
-in it is fsynced (DCP's shards by DCP, ours by `_write_atomic`, which also writes through a
-temporary name), then the folder itself, then the rename is fsynced in its parent. The loaders'
-generators need no saving: they are reseeded from (seed, epoch), and the data position is the
-epoch and the batches consumed in it. Old checkpoints are deleted only after
-the new one is committed. Everything is loaded with `weights_only=True`: DCP's own `.metadata` is a
-pickle, so load checkpoints only from folders you trust (your run folder, or a path you name).
+renames the folder to `step_N`, so a folder named `step_N` is complete by construction and a
+crash mid-save leaves the previous checkpoint untouched. Every file is fsynced (DCP's shards by
+DCP, ours by `_write_atomic`), then the folder, then the rename in its parent. Old checkpoints go
+only after the new one is committed, renamed to `step_N.deleting` first, so that a crash midway
+never leaves a partial folder under a final name; leftovers are removed at the next commit. DCP
+writes through a gloo process group of its own, so that a background save (`async_save`) never
+mixes its collectives with the training's. The loaders' generators need no saving: they are
+reseeded from (seed, epoch), and the data position is the epoch and the batches consumed in it.
+
+A resume first runs `verify` (trainer/checkpoint_reader.py): the manifest must list every file
+its world size implies, with matching checksums. Nothing is unpickled except through an
+allowlist (DCP's `.metadata` by a restricted unpickler, everything else by
+`torch.load(weights_only=True)`), and no file the manifest does not list is read. `resume=auto`
+takes the newest checkpoint that verifies on every rank, skipping damaged ones with a warning,
+and stops with a CheckpointError when checkpoints exist but none is usable, leaving them as
+they are.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -36,12 +43,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from trainer.checkpoint_reader import (
+    COMMITTED,
+    MANIFEST,
+    TRAINER_STATE,
+    CheckpointError,
+    ListedFilesReader,
+    WeightsOnlyLoadPlanner,
+    check_complete,
+    committed,
+    refuse_run_folder,
+    rng_file,
+    sha256,
+    verify,
+)
 from trainer.config import CheckpointConfig
 from trainer.data.loaders import batch_size_of
-from trainer.distributed.env import all_reduce_max, barrier, dist_rank
+from trainer.distributed.env import all_reduce_max, any_rank, dist_rank, several_ranks
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -49,12 +71,7 @@ if TYPE_CHECKING:
 # DCP warns, on every save and load, that a world of one saves and loads in one process.
 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
 
-MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, damaged or does not fit the model."""
+NOTHING_SAVED, NONE_USABLE = -1, -2  # what a rank found instead of a step, for the agreement
 
 
 class Checkpointer:
@@ -64,7 +81,13 @@ class Checkpointer:
         self.resume = resume
         self.last_saved_step = -1  # the newest step saved (perhaps still being written)
         self.last_committed_step = -1  # the newest step whose checkpoint is complete on disk
-        self.pending: tuple | None = None  # a save to commit: (future, partial, final, step, world)
+        self.pending: tuple | None = None  # a save to commit: (future, partial, final, step, ...)
+        self.verified: dict[Path, dict[str, Any]] = {}  # manifests checked by newest_valid
+        # Checkpointing's own process group (torchtitan's way): a background save runs DCP's
+        # collectives in its thread while the training thread runs DDP's or FSDP's on the
+        # training group, and two threads must never share one group's sequence of collectives.
+        # Every rank builds its Checkpointer at the same point, as new_group requires.
+        self.group = dist.new_group(backend="gloo") if several_ranks() else None
 
     # ------------------------------------------------------------------ when to save
     def due(self, step: int) -> bool:
@@ -98,12 +121,16 @@ class Checkpointer:
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
             partial.mkdir(parents=True)
-        barrier()
+        self._barrier()
         with self._reporting_failure(partial):
             model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
             write = dcp.async_save if self.cfg.async_save else dcp.save
-            written = write({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
-            _save_atomic(_rng_state(), partial / f"rng_rank{rank}.pt")
+            written = write(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=str(partial),
+                process_group=self.group,
+            )
+            _save_atomic(_rng_state(), partial / rng_file(rank))
             if rank == 0:
                 _save_atomic(_trainer_state(trainer), partial / TRAINER_STATE)
         # The monitored value as it stands at this step (the latest validation's, say).
@@ -123,26 +150,28 @@ class Checkpointer:
         with self._reporting_failure(partial):
             if self.cfg.async_save:
                 written.result()
-        barrier()
+        self._barrier()
         if dist_rank() == 0:
             with self._reporting_failure(partial):
-                manifest = {
-                    "step": step,
-                    "world_size": world_size,
-                    "monitor": {self.cfg.best_monitor: best_value}
-                    if best_value is not None
-                    else {},
-                    "files": {p.name: _sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
-                }
+                files = {p.name: sha256(p) for p in sorted(partial.iterdir()) if p.is_file()}
+                # Never commit a checkpoint that lacks a file a resume needs
+                check_complete(partial, set(files), world_size)
+                monitor = {self.cfg.best_monitor: best_value} if best_value is not None else {}
+                manifest = {"step": step, "world_size": world_size, "monitor": monitor}
+                manifest["files"] = files
                 _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
                 _fsync_dir(partial)  # the folder's entries are on disk before it is renamed
-                if final.exists():
-                    shutil.rmtree(final)
+                if final.exists():  # a stale checkpoint of this step, from before a resume
+                    _discard(final)
                 partial.rename(final)
                 _fsync_dir(self.root)
             self._delete_old()
-        barrier()
+        self._barrier()
         self.last_committed_step = step
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
 
     @contextlib.contextmanager
     def _reporting_failure(self, partial: Path) -> Iterator[None]:
@@ -155,26 +184,30 @@ class Checkpointer:
             previous = self.last_committed_step
             kept = f"step {previous} is intact" if previous >= 0 else "no earlier checkpoint exists"
             raise CheckpointError(
-                f"{partial}: saving the checkpoint failed ({err}); is the disk full? {kept}"
+                f"{partial}: saving the checkpoint failed ({_cause(err)}); is the disk full? {kept}"
             ) from err
 
     def _delete_old(self) -> None:
+        # Leftovers of crashed saves and deletions; no save is in flight while this runs.
+        for leftover in self.root.glob("step_*"):
+            if not COMMITTED.fullmatch(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
         # Oldest first by commit time (the manifest's), not by step: after a resume from an
         # older checkpoint, stale higher steps go before the checkpoint just written.
         complete = sorted(
-            (p for p in self.root.glob("step_*") if (p / MANIFEST).is_file()),
+            (p for p in committed(self.root) if (p / MANIFEST).is_file()),
             key=lambda p: (p / MANIFEST).stat().st_mtime_ns,
         )
         best = self.best()
         for old in complete[: -self.cfg.keep_last]:
             if old != best:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
 
     def best(self) -> Path | None:
         """The complete checkpoint with the best `best_monitor` value (the newest of equals), or
         None when no best is kept or none has the value."""
         key, scored = self.cfg.best_monitor, []
-        for folder in sorted(self.root.glob("step_*")):
+        for folder in committed(self.root):
             try:
                 value = json.loads((folder / MANIFEST).read_text()).get("monitor", {}).get(key)
             except (OSError, ValueError):
@@ -187,66 +220,86 @@ class Checkpointer:
     def maybe_resume(self, trainer: Trainer) -> None:
         if not self.resume:
             return
+        device = trainer.env.device
         if self.resume == "auto":
-            folder = self.newest_valid()
-            # Every rank must resume from the same step: take the oldest of the ranks' choices
-            # (they differ only if a rank could not read a newer checkpoint).
-            step = -all_reduce_max(-(_step_of(folder) if folder else -1), trainer.env.device)
-            if step < 0:
+            folder = self._agreed_newest(device)
+            if folder is None:
                 return  # nothing saved yet: a fresh start
-            folder = self.root / f"step_{step:08d}"
         else:
             folder = Path(self.resume)
-        verify(folder)
-        load(folder, trainer)
+            refuse_run_folder(folder)
+        # Every rank checks the folder; a failure on any stops all before DCP's collectives.
+        try:
+            manifest, error = self.verified.get(folder) or verify(folder), None
+        except CheckpointError as err:
+            manifest, error = {}, err
+        if any_rank([error is not None], device)[0]:
+            raise error or CheckpointError(f"{folder}: another rank could not verify it")
+        load(folder, trainer, set(manifest["files"]))
         self.last_saved_step = self.last_committed_step = trainer.state.step
 
     def newest_valid(self) -> Path | None:
-        for folder in sorted(self.root.glob("step_*"), reverse=True):
-            if folder.name.endswith(".partial"):
-                continue
+        """The newest checkpoint that verifies on this rank; each damaged newer one is skipped
+        with a RuntimeWarning naming the file."""
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[Path | None, list[str]]:
+        skipped = []
+        for folder in reversed(committed(self.root)):
             try:
-                verify(folder)
-                return folder
+                self.verified[folder] = verify(folder)
+                return folder, skipped
             except CheckpointError as err:
-                warnings.warn(f"skipping checkpoint: {err}", RuntimeWarning, stacklevel=2)
-        return None
+                warnings.warn(f"skipping checkpoint: {err}", RuntimeWarning, stacklevel=3)
+                skipped.append(str(err))
+        return None, skipped
+
+    def _agreed_newest(self, device: torch.device) -> Path | None:
+        """The newest checkpoint every rank can use, None when no rank sees any checkpoint;
+        a CheckpointError on every rank when checkpoints exist but one rank can use none (the
+        user asked to resume: starting afresh would overwrite them)."""
+        folder, skipped = self._scan()
+        if folder is not None:
+            found = int(folder.name.removeprefix("step_"))
+        else:
+            found = NONE_USABLE if skipped else NOTHING_SAVED
+        # Every rank resumes from the same step: the oldest of the ranks' choices (they differ
+        # only if a rank could not read a newer checkpoint).
+        oldest, newest = -all_reduce_max(-found, device), all_reduce_max(found, device)
+        if newest == NOTHING_SAVED:
+            return None
+        if oldest == NONE_USABLE:
+            why = "; ".join(skipped) if skipped else "it is usable here but not on another rank"
+            raise CheckpointError(
+                f"{self.root}: resume=auto found no usable checkpoint ({why}); they are left as "
+                "they are for inspection: resume from a checkpoint you repaired with "
+                "resume=<folder>, or start afresh in another run folder"
+            )
+        if oldest == NOTHING_SAVED:
+            raise CheckpointError(
+                f"{self.root}: some ranks see checkpoints here and some none; is the run folder "
+                "on a file system that every node shares?"
+            )
+        return self.root / f"step_{oldest:08d}"
 
 
-def _step_of(folder: Path) -> int:
-    return int(folder.name.removeprefix("step_"))
-
-
-def verify(folder: Path) -> dict[str, Any]:
-    """Check the manifest and every file's checksum; raise CheckpointError naming what is wrong."""
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder")
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{manifest_path}: missing, so the checkpoint is incomplete")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
-    for name, digest in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed in the manifest but missing")
-        if _sha256(path) != digest:
-            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted)")
-    return manifest
-
-
-def load(folder: Path, trainer: Trainer) -> None:
+def load(folder: Path, trainer: Trainer, listed: set[str]) -> None:
+    """Load a verified checkpoint into `trainer`, reading only the files in `listed` (its
+    manifest's names)."""
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
     try:
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+        dcp.load(
+            {"model": model_sd, "optim": optim_sd},
+            storage_reader=ListedFilesReader(folder, listed),
+            planner=WeightsOnlyLoadPlanner(),
+        )
         set_state_dict(
             trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd
         )
     except (Exception, dcp.api.CheckpointException) as err:  # DCP's is a BaseException
-        raise CheckpointError(f"{folder}: does not fit this model/optimizer ({err})") from None
+        raise CheckpointError(
+            f"{folder}: does not fit this model/optimizer ({_cause(err)})"
+        ) from None
     saved = torch.load(folder / TRAINER_STATE, weights_only=True)
     _check_data_position(folder, saved, trainer)
     trainer.state.load_state_dict(saved["state"])
@@ -254,9 +307,9 @@ def load(folder: Path, trainer: Trainer) -> None:
     for key, callback in _keyed(trainer.callbacks).items():
         if key in saved["callbacks"]:
             callback.load_state_dict(saved["callbacks"][key])
-    rng_file = folder / f"rng_rank{trainer.env.rank}.pt"
-    if rng_file.is_file():  # absent when resuming on more ranks than saved: keep fresh seeds
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+    rng = rng_file(trainer.env.rank)
+    if rng in listed:  # absent when resuming on more ranks than saved: keep fresh seeds
+        _set_rng_state(torch.load(folder / rng, weights_only=True))
 
 
 # ---------------------------------------------------------------------- pieces
@@ -314,12 +367,21 @@ def _set_rng_state(saved: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _cause(err: BaseException) -> str:
+    """An error in one line: DCP's CheckpointException carries every rank's traceback."""
+    if isinstance(err, dcp.api.CheckpointException):
+        return "; ".join(f"rank {r}: {_cause(e)}" for r, (e, _) in err.failures.items())
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _discard(folder: Path) -> None:
+    """Delete a committed checkpoint. Renamed away first (resume ignores the name), so that a
+    crash midway leaves `step_N.deleting`, never a partial folder named `step_N`."""
+    doomed = folder.with_name(folder.name + ".deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    folder.rename(doomed)
+    _fsync_dir(folder.parent)  # the rename reaches the disk before any of the deletions
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:

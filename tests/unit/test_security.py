@@ -1,17 +1,18 @@
-"""No code execution from data: the package never unpickles, never `eval`s or `exec`s, and its
-checkpoint files load with `torch.load(weights_only=True)`.
+"""No code execution from data: the package never unpickles except through an allowlist, never
+`eval`s or `exec`s, and its checkpoint files load with `torch.load(weights_only=True)`.
 
 The scan parses every module under trainer/ (comments and docstrings do not count, `model.eval()`
 is not `eval(`) and refuses:
 
-- `pickle.load` / `pickle.loads` / `pickle.Unpickler` (also `cPickle`, `dill`, `cloudpickle`,
-  and names imported from those modules),
+- `pickle.load` / `pickle.loads` / `pickle.Unpickler(...)` (also `cPickle`, `dill`,
+  `cloudpickle`, and names imported from those modules),
+- a subclass of `pickle.Unpickler` that does not override `find_class` (the allowlist; the one
+  there is, for DCP's `.metadata`, is trainer/checkpoint_reader.py's),
 - `torch.load(...)` without a literal `weights_only=True`,
 - `numpy.load(..., allow_pickle=True)`,
 - the builtins `eval(...)` and `exec(...)`.
 
-DCP's own `.metadata` file is a pickle read by torch itself (the checkpoint module's docstring
-says so); that is torch's code, not the package's.
+What the allowlist refuses, in crafted checkpoints, is tested in test_checkpoint_integrity.py.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def unsafe_calls(source: str, filename: str) -> list[str]:
             if loaders:
                 found.append(f"{filename}:{node.lineno}: from {node.module} import {loaders}")
     for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(
+            _dotted(base).rpartition(".")[2] == "Unpickler" for base in node.bases
+        ):
+            methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+            if "find_class" not in methods:
+                found.append(f"{filename}:{node.lineno}: {node.name} without find_class")
         if not isinstance(node, ast.Call):
             continue
         name = _dotted(node.func)
@@ -106,14 +113,19 @@ torch.load(p, weights_only=False)
 np.load(p, allow_pickle=True)
 eval("1")
 exec("x = 1")
+class Loader(pickle.Unpickler):
+    pass
 """
-    assert len(unsafe_calls(bad, "bad.py")) == 8
+    assert len(unsafe_calls(bad, "bad.py")) == 9
     fine = """
 import torch, json
 torch.load(p, weights_only=True)
 model.eval()
 json.loads(s)
 # pickle.load(f) in a comment, eval( in a docstring
+class Allowlist(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(name)
 \"\"\"torch.load(x) and exec(y)\"\"\"
 """
     assert unsafe_calls(fine, "fine.py") == []
