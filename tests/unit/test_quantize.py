@@ -66,7 +66,7 @@ def test_guard_names_what_is_wrong_and_the_fix():
 
 
 @needs_torchao
-def test_guard_passes_here_and_bad_input_is_one_clear_error():
+def test_guard_passes_here_and_bad_input_is_one_clear_error(tmp_path):
     require_torchao()  # this environment has torchao 0.18 on torch >= 2.11
     empty = nn.Sequential(nn.Flatten(), nn.ReLU())
     for mode in MODES:
@@ -81,6 +81,9 @@ def test_guard_passes_here_and_bad_input_is_one_clear_error():
         quantize(_model(CNN), "static", [])
     with pytest.raises(ConfigError, match="'int4' is not one of"):
         quantize(_model(MLP), "int4")
+    with pytest.raises(ValueError, match="a MLP is not a 'static' model"):
+        save_quantized(_model(MLP), "static", tmp_path / "model.pt")
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 # ----------------------------------------------------------------------------------- against torchao

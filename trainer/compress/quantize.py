@@ -245,6 +245,8 @@ def save_quantized(model: nn.Module, mode: str, path: str | os.PathLike) -> Path
     deployed size. Written to a temporary name and renamed, so an earlier artifact at `path` is
     replaced only by a complete one."""
     _check_mode(mode)
+    if (mode == "static") != isinstance(model, torch.fx.GraphModule):  # PT2E gives a graph
+        raise ValueError(f"save_quantized: a {type(model).__name__} is not a {mode!r} model")
     artifact: dict[str, Any] = {"mode": mode, "tensors": model.state_dict()}
     if mode == "static":
         artifact["activation_qparams"] = _activation_qparams(model)
@@ -258,6 +260,14 @@ def save_quantized(model: nn.Module, mode: str, path: str | os.PathLike) -> Path
     torch.save(artifact, partial)
     partial.replace(path)
     return path
+
+
+# What `save_quantized` writes for each mode.
+_ARTIFACT_KEYS = {
+    "dynamic": ("tensors",),
+    "weight_only": ("tensors",),
+    "static": ("tensors", "activation_qparams", "sample_shape", "dtype"),
+}
 
 
 def load_quantized(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
@@ -277,9 +287,9 @@ def load_quantized(path: str | os.PathLike, float_model: nn.Module) -> nn.Module
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a loadable quantized model: {first}") from err
-    if not isinstance(artifact, Mapping) or artifact.get("mode") not in MODES:
-        raise CheckpointError(f"{path}: not a quantized model artifact (no known mode)")
-    mode = artifact["mode"]
+    mode = artifact.get("mode") if isinstance(artifact, Mapping) else None
+    if mode not in MODES or not set(_ARTIFACT_KEYS[mode]) <= set(artifact):
+        raise CheckpointError(f"{path}: not a quantized model artifact (no mode or missing keys)")
     if mode == "static":
         sample = torch.zeros(2, *artifact["sample_shape"], dtype=artifact["dtype"])
         model = quantize(float_model, mode, [sample])  # the graph; its numbers come next
@@ -292,21 +302,23 @@ def load_quantized(path: str | os.PathLike, float_model: nn.Module) -> nn.Module
     return model
 
 
-def _check_fits(
-    expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], path: Path, cls: str
-) -> None:
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{type(value).__name__} {tuple(value.shape)} {value.dtype}"
+    return type(value).__name__
+
+
+def _check_fits(expected: Mapping[str, torch.Tensor], saved: Any, path: Path, cls: str) -> None:
     """The same names, tensor types, shapes and dtypes: `assign=True` would otherwise accept a
     float tensor where the model holds an int8 one."""
-    if set(expected) != set(saved):
-        diff = sorted(set(expected) ^ set(saved))
+    if not isinstance(saved, Mapping) or set(expected) != set(saved):
+        diff = sorted(set(expected) ^ set(saved if isinstance(saved, Mapping) else ()))
         raise CheckpointError(f"{path}: does not fit {cls}: tensors differ ({', '.join(diff)})")
     for name, tensor in expected.items():
-        other = saved[name]
-        if (type(other), other.shape, other.dtype) != (type(tensor), tensor.shape, tensor.dtype):
+        if _describe(saved[name]) != _describe(tensor):
             raise CheckpointError(
-                f"{path}: does not fit {cls}: {name} is {type(other).__name__} "
-                f"{tuple(other.shape)} {other.dtype}, the model's is {type(tensor).__name__} "
-                f"{tuple(tensor.shape)} {tensor.dtype}"
+                f"{path}: does not fit {cls}: {name} is {_describe(saved[name])}, "
+                f"the model's is {_describe(tensor)}"
             )
 
 
