@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -38,8 +37,10 @@ from trainer.distributed.env import (
 from trainer.distributed.parallelize import unwrap
 from trainer.loggers.base import Logger
 from trainer.state import TrainState, rate_metrics
+from trainer.stop_signals import stop_on_signals
 
 Batch = Sequence[torch.Tensor]
+log = logging.getLogger("hooktrain")
 
 
 def flat_cross_entropy(
@@ -81,11 +82,10 @@ class Trainer:
                 f"the training split gives no batch of data.batch_size={batch_size_of(train_loader)} "
                 f"on each of {env.world_size} process(es); lower the batch size"
             )
-        max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.max_epochs * steps_per_epoch
         self.state = TrainState(
             model=model,
             optimizer=optimizer,
-            max_steps=max_steps,
+            max_steps=0,  # resolved by _budget(), here and again after a resume
             steps_per_epoch=steps_per_epoch,
             rank=env.rank,
             world_size=env.world_size,
@@ -93,6 +93,7 @@ class Trainer:
                 {"val": self.val_loader, "test": self.test_loader}[split], split
             ),
         )
+        self.state.max_steps = self._budget()
         # bf16 autocast needs no loss scaling; fp16 does, and only CUDA has fp16 autocast kernels.
         self.autocast_dtype = None if cfg.precision == "fp32" else dtype_of(cfg.precision)
         if cfg.precision == "fp16" and env.device.type != "cuda":
@@ -108,7 +109,9 @@ class Trainer:
         self.first_step_done: float | None = None  # wall-clock time when the first step finished
         self.consecutive_skips = 0  # non-finite steps skipped in a row (nonfinite=skip)
         self.skipped_steps = 0
-        self.preempted_by: str | None = None  # the signal's name once SIGTERM/SIGUSR1 arrived
+        self.preempted_by: str | None = (
+            None  # the first stop signal's name (trainer/stop_signals.py)
+        )
         self.save_on_stop = False  # a stop that must leave a checkpoint (signal, nonfinite=stop)
         self._stop_without_agreement = False  # nonfinite=stop: every rank asks at the same step
         self._window = _Window()
@@ -118,14 +121,15 @@ class Trainer:
     def fit(self) -> TrainState:
         state = self.state
         try:
-            with _catch_preemption(self), _scheduled_gc(self.cfg.gc_every_steps):
-                if self.checkpointer is not None:
-                    self.checkpointer.maybe_resume(self)
+            with stop_on_signals(self._note_signal), _scheduled_gc(self.cfg.gc_every_steps):
+                self._maybe_resume()
                 self._window = _Window()  # throughput is timed from here
                 self._call("on_fit_start")
                 while state.step < state.max_steps and not state.should_stop:
                     self._train_epoch()
                 if self.checkpointer is not None:
+                    self._flush_logs()
+                    self.logger.flush()  # what the checkpoint covers is in the logs first
                     self.checkpointer.save_final(self, force=self.save_on_stop)
             self._call("on_fit_end")
             self._flush_logs()
@@ -135,6 +139,32 @@ class Trainer:
                 callback.on_exception(state, err)
             raise
         return state
+
+    def _maybe_resume(self) -> None:
+        """Load the checkpoint that `resume` names, say so, and resolve the budget again: on
+        another world size the epochs left are worth other step counts. An earlier attempt's
+        rows beyond the step the fit goes on from are dropped from the logs (`Logger.rewind`)."""
+        if self.checkpointer is None:
+            return
+        state = self.state
+        folder = self.checkpointer.maybe_resume(self)
+        state.max_steps = self._budget()
+        if folder is not None and self.env.is_global_zero:
+            log.info(f"resumed from {folder} (step {state.step}, epoch {state.epoch})")
+        if self.cfg.resume:
+            self.logger.rewind(state.step)
+
+    def _budget(self) -> int:
+        """The step at which the fit ends: `max_steps`, or else the end of epoch `max_epochs`
+        counted from where the state stands."""
+        cfg, state = self.cfg, self.state
+        if cfg.max_steps > 0:
+            return cfg.max_steps
+        # Mid-epoch, the batches consumed are this world size's (a checkpoint saved mid-epoch
+        # resumes only with the same global batch).
+        steps_done = math.ceil(state.batches_in_epoch / cfg.grad_accum_steps)
+        steps_left = (cfg.max_epochs - state.epoch) * state.steps_per_epoch - steps_done
+        return state.step + max(0, steps_left)
 
     def _train_epoch(self) -> None:
         state, cfg = self.state, self.cfg
@@ -175,8 +205,10 @@ class Trainer:
                 self._flush_logs()  # held while the all-reduce runs in the background
             if self.cfg.gc_every_steps and state.step % self.cfg.gc_every_steps == 0:
                 gc.collect(1)  # the young generations: ~0.1 ms here, where a full pass takes ~150
-            if self.checkpointer is not None:
-                self.checkpointer.maybe_save(self)
+            # The epoch's last step is saved after the epoch's end (_end_epoch): with its
+            # validation's score, and so that a resume starts the next epoch.
+            if state.batches_in_epoch < self.batches_per_epoch:
+                self._maybe_save()
             # Stop flags are taken on as agreed even on the last step: that keeps the ranks alike
             # in whether the final checkpoint must be forced (a signal on one rank).
             if self._stop_now(agreed) or state.step >= state.max_steps:
@@ -188,6 +220,15 @@ class Trainer:
         # A stop inside the epoch leaves it open, so that a resume continues inside it.
         if state.batches_in_epoch >= self.batches_per_epoch:
             self._end_epoch()
+            self._maybe_save()
+
+    def _maybe_save(self) -> None:
+        """A checkpoint when one is due; whatever it covers is written to the logs first, so
+        that a crash after it loses no row that a resume would not log again."""
+        if self.checkpointer is not None and self.checkpointer.due(self.state.step):
+            self._flush_logs()
+            self.logger.flush()
+            self.checkpointer.save(self)
 
     def _end_epoch(self) -> None:
         state = self.state
@@ -400,12 +441,17 @@ class Trainer:
         """Every rank stops, and saves, if any rank asked to (one tiny all-reduce)."""
         return self._apply_agreed(*any_rank(self._stop_request_flags(), self.env.device))
 
+    def _note_signal(self, name: str) -> None:
+        self.preempted_by = self.preempted_by or name
+
     def _stop_request_flags(self) -> list[bool]:
-        """This rank's [stop, save], after turning a preemption signal into a stop request."""
+        """This rank's [stop, save], after turning a stop signal into a stop request."""
         state = self.state
         if self.preempted_by and not state.should_stop:
             state.request_stop(f"received {self.preempted_by}: saved a checkpoint and stopped")
             self.save_on_stop = True
+            if self.env.is_global_zero:
+                log.warning(f"received {self.preempted_by}: stopping with a checkpoint")
         return [state.should_stop, self.save_on_stop]
 
     def _apply_agreed(self, stop: bool, save: bool) -> bool:
@@ -526,25 +572,6 @@ def _scheduled_gc(every_steps: int) -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-@contextlib.contextmanager
-def _catch_preemption(trainer: Trainer) -> Iterator[None]:
-    """While fitting, SIGTERM and SIGUSR1 (schedulers' preemption notices) ask for a stop with a
-    checkpoint at the next step boundary instead of killing the process mid-step."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-
-    def note(signum: int, frame: object) -> None:
-        trainer.preempted_by = signal.Signals(signum).name
-
-    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _padded(loader: DataLoader, count: int) -> Iterator[Batch]:

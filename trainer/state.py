@@ -38,12 +38,20 @@ class TrainState:
     unlogged: dict[str, float] = field(
         default_factory=dict
     )  # sent to the loggers at the next flush
+    logged_at: dict[str, int] = field(default_factory=dict)  # name -> the step it was logged at
 
     def log(self, metrics: dict[str, float]) -> None:
         """Record metrics: they show in `metrics` at once and reach the loggers in the next log
         step's row (under torchrun sent one step later, with that log step's number)."""
         self.metrics.update(metrics)
         self.unlogged.update(metrics)
+        self.logged_at.update(dict.fromkeys(metrics, self.step))
+
+    def current(self, name: str) -> float | None:
+        """`name`'s value if it was logged at this very step, so that it describes the weights
+        as they are now (a checkpoint's score); None otherwise, e.g. mid-epoch for the last
+        validation's score."""
+        return self.metrics[name] if self.logged_at.get(name) == self.step else None
 
     @property
     def is_global_zero(self) -> bool:

@@ -6,21 +6,28 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.helpers import ENV, make_config, make_trainer  # noqa: E402
 from trainer.build import build_loggers  # noqa: E402
+from trainer.callbacks.base import Callback  # noqa: E402
 from trainer.callbacks.progress import ProgressBar  # noqa: E402
 from trainer.loggers.base import Logger, LoggerGroup  # noqa: E402
 from trainer.loggers.jsonl import JsonlLogger  # noqa: E402
+from trainer.loggers.tensorboard import TensorBoardLogger  # noqa: E402
+from trainer.state import TrainState  # noqa: E402
 
 JSONL = {"_target_": "trainer.loggers.jsonl.JsonlLogger"}
 TENSORBOARD = {"_target_": "trainer.loggers.tensorboard.TensorBoardLogger"}
@@ -72,6 +79,50 @@ def test_the_caller_may_reuse_its_dict_after_sending_it(tmp_path):
     group.log_metrics(metrics, 2)
     group.finish()
     assert rows(tmp_path / "metrics.jsonl") == [{"step": 1, "lr": 0.1}, {"step": 2, "lr": 0.2}]
+
+
+def test_flush_writes_tensorboard_events_to_disk(tmp_path):
+    # TensorBoard's writer keeps events in a queue that its own thread writes out: a flush (as
+    # before a checkpoint) returns once they are in the file.
+    group = LoggerGroup({"tb": lambda: TensorBoardLogger(str(tmp_path), flush_secs=3600)})
+    for step in range(1, 201):
+        group.log_metrics({"train/loss": 1.0 / step}, step)
+    group.flush()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 201))
+    group.finish()
+
+
+def test_rewind_drops_what_an_earlier_attempt_logged_after_the_step(tmp_path):
+    """A killed attempt logged steps 1-6 (the last row half written); its restart goes on from
+    the checkpoint of step 4 and logs 5-7 again: each step is in the logs once."""
+    first = LoggerGroup(
+        {
+            "jsonl": lambda: JsonlLogger(str(tmp_path)),
+            "tb": lambda: TensorBoardLogger(str(tmp_path)),
+        }
+    )
+    for step in range(1, 7):
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.finish()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "train/lo')  # killed while writing
+    second = LoggerGroup(
+        {
+            "jsonl": lambda: JsonlLogger(str(tmp_path)),
+            "tb": lambda: TensorBoardLogger(str(tmp_path)),
+        }
+    )
+    second.rewind(4)
+    for step in range(5, 8):
+        second.log_metrics({"train/loss": 10.0 * step}, step)
+    second.finish()
+    want = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0), (7, 70.0)]
+    assert [(r["step"], r["train/loss"]) for r in rows(tmp_path / "metrics.jsonl")] == want
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted((e.step, e.value) for e in events.Scalars("train/loss")) == want
 
 
 def test_a_failing_logger_warns_once_and_the_others_go_on(tmp_path):
@@ -148,3 +199,46 @@ def test_progress_bar_draws_nothing_on_other_ranks(tmp_path, capsys):
     trainer.state.rank = 1
     trainer.fit()
     assert bar.progress is None and capsys.readouterr().err == ""
+
+
+def _shown_steps(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^epoch \d+  step (\d+)/\d+", text, flags=re.M)]
+
+
+@pytest.mark.parametrize(
+    ("every_s", "steps"), [(3600, [8, 16]), (0, [*range(1, 9), 8, *range(9, 17), 16])]
+)
+def test_without_a_terminal_progress_is_a_plain_line_at_an_interval_and_each_epochs_end(
+    tmp_path, capsys, every_s, steps
+):
+    trainer = make_trainer(tmp_path, callbacks=[ProgressBar(plain_every_s=every_s)])
+    trainer.fit()  # 2 epochs of 8 steps
+    shown = capsys.readouterr().err  # not a terminal
+    assert _shown_steps(shown) == steps
+    ends = [line for line in shown.splitlines() if "val/loss" in line]
+    assert [int(line.split("step ")[1].split("/")[0]) for line in ends] == [8, 16]
+
+
+def test_log_lines_print_above_the_bar_on_a_terminal(tmp_path, capsys):
+    """A logging handler that writes to sys.stdout (Hydra's console handler) goes through the
+    live bar's console while the bar is shown, not straight onto the bar's line."""
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    logger = logging.getLogger("tests.progress")
+    handler = logging.StreamHandler(sys.stdout)
+    logger.addHandler(handler)
+
+    class Says(Callback):
+        def on_step_end(self, state: TrainState) -> None:
+            if state.step == 5:
+                logger.warning("a line from step 5")
+
+    trainer = make_trainer(tmp_path, callbacks=[ProgressBar(console=console), Says()])
+    try:
+        trainer.fit()
+    finally:
+        logger.removeHandler(handler)
+    assert "a line from step 5" not in capsys.readouterr().out
+    assert handler.stream is sys.stdout  # given back when the bar closed
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "a line from step 5" in re.split(r"[\r\n]", plain)  # a line of its own

@@ -28,6 +28,7 @@ from tests.helpers import (  # noqa: E402
     reference_fit,
 )
 from trainer.callbacks.base import HOOKS, Callback  # noqa: E402
+from trainer.checkpoint import TRAINER_STATE, verify  # noqa: E402
 from trainer.state import TrainState  # noqa: E402
 
 PLAIN_SGD = {"_target_": "torch.optim.SGD", "lr": 0.1}
@@ -582,3 +583,62 @@ def test_gc_runs_on_the_loops_schedule_while_fitting(tmp_path, every):
         assert collected_at == [(4, 1), (8, 1), (12, 1)]
     else:
         assert watch.enabled == [True] * 12
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def test_an_epochs_last_checkpoint_carries_the_score_of_its_weights(tmp_path):
+    """A checkpoint at a step that ends an epoch is written after that epoch's validation: the
+    score in its manifest is what its weights score, retention keeps the truly best one, and
+    a resume from it starts the next epoch."""
+    checkpoint = {"every_steps": 8, "keep_last": 2, "best_monitor": "val/loss", "best_mode": "min"}
+    # A high rate, so that the validation loss goes up again after epoch 3.
+    optim = {**SGD, "lr": 0.5}
+    trainer = make_trainer(tmp_path, optim=optim, max_epochs=5, checkpoint=checkpoint)
+    per_epoch = trainer.state.steps_per_epoch
+    assert per_epoch == 8  # so every checkpoint is at an epoch's last step
+    measured = {}  # what the weights saved at each epoch's end score, evaluated as they train
+
+    class Measure(Callback):
+        def on_epoch_end(self, state: TrainState) -> None:
+            measured[state.step] = state.measure("val")["val/loss"]
+
+    trainer.callbacks.append(Measure())
+    trainer.fit()
+    best_step = min(measured, key=measured.get)
+    assert best_step not in (32, 40)  # not among the last two, which retention keeps anyway
+    folders = sorted((tmp_path / "checkpoints").iterdir())
+    assert [f.name for f in folders] == [f"step_{s:08d}" for s in sorted({best_step, 32, 40})]
+    assert trainer.checkpointer.best() == tmp_path / "checkpoints" / f"step_{best_step:08d}"
+    for folder in folders:
+        step = int(folder.name.removeprefix("step_"))
+        saved = make_trainer(tmp_path / "scratch", optim=optim, resume=str(folder))
+        saved.checkpointer.maybe_resume(saved)
+        score = saved.measure(saved.val_loader, "val")["val/loss"]
+        assert verify(folder)["monitor"] == {"val/loss": score} == {"val/loss": measured[step]}
+        position = torch.load(folder / TRAINER_STATE, weights_only=True)["state"]
+        assert (position["epoch"], position["batches_in_epoch"]) == (step // per_epoch, 0)
+
+
+def test_current_tells_a_metric_of_these_weights_from_an_older_one(tmp_path):
+    """Mid-epoch the last validation's score describes other weights; at the epoch's end it is
+    this step's (what a checkpoint records as its score)."""
+    seen = []
+
+    class Look(Callback):
+        def on_step_end(self, state: TrainState) -> None:
+            seen.append((state.step, state.current("val/loss"), state.current("lr")))
+
+        def on_epoch_end(self, state: TrainState) -> None:
+            seen.append((state.step, state.current("val/loss"), None))
+            assert state.current("val/loss") == state.metrics["val/loss"]
+
+    make_trainer(tmp_path, max_epochs=2, log_every_steps=4, callbacks=[Look()]).fit()
+    lr = SGD["lr"]  # logged on log steps
+
+    def steps(first: int, last: int) -> list:
+        return [(s, None, lr if s % 4 == 0 else None) for s in range(first, last + 1)]
+
+    val = [current for step, current, _ in seen if current is not None]
+    assert seen == [*steps(1, 8), (8, val[0], None), *steps(9, 16), (16, val[1], None)]

@@ -13,6 +13,7 @@ class Callback:
 
     Where each hook fires (`trainer/loop.py` is the code of this picture)::
 
+        (resume: load the checkpoint; the budget in steps is resolved again from max_epochs)
         on_fit_start                      after model, optimizer, loaders are built (and resumed)
         while not done:
             sampler.set_epoch(epoch)      # the loop does this, never a callback
@@ -26,13 +27,16 @@ class Callback:
                 step, before a checkpoint and with `stops_on_log_steps`; otherwise while the
                 next step runs, which then sends the log step's row)
                 on_step_end               state.metrics holds "train/loss" once it is read
-                log metrics, save a checkpoint when due,
+                log metrics, save a checkpoint when due (the logs are flushed first; the
+                                          epoch's last step is saved after the epoch's end),
                 stop if should_stop       (one process: after any step. Ranks: after a step
                                           that read an all-reduce, if any rank's flag was set
                                           when it started; see `stops_on_log_steps`)
             validate -> on_eval_end       state.metrics holds "val/loss", "val/accuracy"
             on_epoch_end
             agree on should_stop
+            save a checkpoint when due    (its score is this validation's; a resume from it
+                                          starts the next epoch)
         (the final checkpoint is written here, before on_fit_end)
         on_fit_end                        after the last step; the model is still wrapped
         on_exception                      instead of the rest, if anything above raised
@@ -49,7 +53,9 @@ class Callback:
     `log_every_steps` + 1 steps later), or the epoch's end if it comes first. To log, call
     `state.log({...})`. `state.measure("val")` evaluates quietly (every rank must call it).
     Whatever `state_dict()` returns is saved in checkpoints and handed back to
-    `load_state_dict()` on resume; keep it to tensors and plain Python values.
+    `load_state_dict()` on resume; keep it to tensors and plain Python values. SIGTERM, SIGUSR1
+    and Ctrl-C (SIGINT) become a stop request with a checkpoint at the next step boundary
+    (`trainer/stop_signals.py`).
     """
 
     # True where `on_fit_end` changes the weights for good (pruning makes its zeros permanent):

@@ -11,10 +11,14 @@ from typing import Any
 
 class Logger:
     """Receives the resolved config once, metrics on log steps, and `finish()` at the end;
-    `flush()` returns once everything sent so far is written."""
+    `flush()` returns once everything sent so far is written (the loop flushes before each
+    checkpoint, so that a crash loses no row that the checkpoint covers). `rewind(step)` comes
+    when a resumed fit goes on from `step`: rows an earlier attempt wrote after it are dropped,
+    since the resumed fit logs those steps again."""
 
     def log_config(self, config: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def rewind(self, step: int) -> None: ...
     def flush(self) -> None: ...
     def finish(self) -> None: ...
 
@@ -28,7 +32,7 @@ class LoggerGroup(Logger):
     wait for neither. torch releases the GIL inside its kernels, so this work overlaps the steps.
     Metrics are handed over at most once every `send_every_s` seconds, in one batch: each
     hand-off wakes the thread, which then takes the GIL from the training thread. `flush()` sends
-    what is held and waits until it is written; `finish()` flushes first.
+    what is held and waits until every logger has flushed it; `finish()` sends it first.
 
     `starters` maps a name (its config key, for messages) to a function that builds the logger.
     """
@@ -81,6 +85,10 @@ class LoggerGroup(Logger):
         self._send()  # keep the order of calls
         self._writer.submit(self._each, "log_config", dict(config))
 
+    def rewind(self, step: int) -> None:
+        self._send()
+        self._writer.submit(self._each, "rewind", step)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         # A copy: the caller clears and refills its dict while this one waits.
         self._held.append((dict(metrics), step))
@@ -89,7 +97,7 @@ class LoggerGroup(Logger):
 
     def flush(self) -> None:
         self._send()
-        self._writer.submit(lambda: None).result()
+        self._writer.submit(self._each, "flush").result()
 
     def finish(self) -> None:
         self._send()

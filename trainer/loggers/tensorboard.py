@@ -16,7 +16,9 @@ from trainer.loggers.base import Logger
 
 class TensorBoardLogger(Logger):
     def __init__(self, save_dir: str, subdir: str = "tensorboard", flush_secs: int = 30) -> None:
-        self.writer = SummaryWriter(log_dir=str(Path(save_dir) / subdir), flush_secs=flush_secs)
+        self.log_dir = str(Path(save_dir) / subdir)
+        self.flush_secs = flush_secs
+        self.writer = SummaryWriter(log_dir=self.log_dir, flush_secs=flush_secs)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         text = "```\n" + json.dumps(config, indent=2, default=str) + "\n```"
@@ -27,6 +29,17 @@ class TensorBoardLogger(Logger):
         # event costs a checksum in pure Python on the writer's thread.
         values = [value for name, v in metrics.items() for value in scalar(name, v).value]
         self.writer.file_writer.add_summary(Summary(value=values), global_step=step)
+
+    def rewind(self, step: int) -> None:
+        # TensorBoard's own way: a new event file whose start marks the events of an earlier
+        # attempt from `purge_step` on as superseded.
+        self.writer.close()
+        self.writer = SummaryWriter(
+            log_dir=self.log_dir, flush_secs=self.flush_secs, purge_step=step + 1
+        )
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def finish(self) -> None:
         self.writer.close()

@@ -1,9 +1,13 @@
 """Weights & Biases, offline by default: runs land in `<run dir>/wandb` and sync later with
-`wandb sync`. Set `logger.wandb.mode=online` (and log in) to stream them."""
+`wandb sync`. Set `logger.wandb.mode=online` (and log in) to stream them.
+
+One run folder is one wandb run: its id is kept in `<run dir>/wandb/run_id`, and every resumed
+attempt continues that run (wandb's resume by id)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from trainer.loggers.base import Logger
@@ -20,15 +24,21 @@ class WandbLogger(Logger):
     ) -> None:
         import wandb  # imported here: a run with wandb switched off never pays for the import
 
+        id_file = Path(save_dir) / "wandb" / "run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
         self.run = wandb.init(
             project=project,
             name=name,
             dir=save_dir,
             mode=mode,
             tags=tags,
+            id=run_id,
+            resume="allow" if run_id else None,
             settings=wandb.Settings(silent=True, console="off"),
             reinit="create_new",
         )
+        if run_id is None:
+            id_file.write_text(self.run.id + "\n")
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self.run.config.update(dict(config), allow_val_change=True)
