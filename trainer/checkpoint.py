@@ -133,8 +133,9 @@ class Checkpointer:
             _save_atomic(_rng_state(), partial / rng_file(rank))
             if rank == 0:
                 _save_atomic(_trainer_state(trainer), partial / TRAINER_STATE)
-        # The monitored value as it stands at this step (the latest validation's, say).
-        best_value = state.metrics.get(self.cfg.best_monitor) if self.cfg.best_monitor else None
+        # The score of these very weights: a value logged at this step (mid-epoch, the last
+        # validation scored other weights: no score).
+        best_value = state.current(self.cfg.best_monitor) if self.cfg.best_monitor else None
         self.pending = (written, partial, final, state.step, trainer.env.world_size, best_value)
         if not self.cfg.async_save:
             self.finish_pending()
@@ -217,14 +218,15 @@ class Checkpointer:
         return max(scored)[1] if scored else None
 
     # ------------------------------------------------------------------ resume
-    def maybe_resume(self, trainer: Trainer) -> None:
+    def maybe_resume(self, trainer: Trainer) -> Path | None:
+        """Load the checkpoint `resume` names; returns its folder, or None when none was loaded."""
         if not self.resume:
-            return
+            return None
         device = trainer.env.device
         if self.resume == "auto":
             folder = self._agreed_newest(device)
             if folder is None:
-                return  # nothing saved yet: a fresh start
+                return None  # nothing saved yet: a fresh start
         else:
             folder = Path(self.resume)
             refuse_run_folder(folder)
@@ -237,6 +239,7 @@ class Checkpointer:
             raise error or CheckpointError(f"{folder}: another rank could not verify it")
         load(folder, trainer, set(manifest["files"]))
         self.last_saved_step = self.last_committed_step = trainer.state.step
+        return folder
 
     def newest_valid(self) -> Path | None:
         """The newest checkpoint that verifies on this rank; each damaged newer one is skipped

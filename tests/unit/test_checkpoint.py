@@ -286,6 +286,34 @@ def test_the_best_checkpoint_is_kept_beside_the_last_ones(tmp_path, mode, best_s
     assert manifest["monitor"] == {"score": scores[best_step - 1]}
 
 
+def test_a_mid_epoch_checkpoint_carries_no_score_of_other_weights(tmp_path):
+    # 8 steps an epoch, validation at each epoch's end: steps 4 and 12 fall inside an epoch, so
+    # the latest val/loss scored earlier weights; 8 and 16 are saved after their validation.
+    checkpoint = {"every_steps": 4, "keep_last": 10, "best_monitor": "val/loss", "best_mode": "min"}
+    trainer = make_trainer(tmp_path, max_epochs=2, checkpoint=checkpoint)
+    val_losses = []
+    trainer.callbacks.append(EvalLosses(val_losses))
+    trainer.fit()
+    monitors = {
+        int(p.name.removeprefix("step_")): verify(p)["monitor"]
+        for p in sorted((tmp_path / "checkpoints").glob("step_*"))
+    }
+    assert monitors == {
+        4: {},
+        8: {"val/loss": val_losses[0]},
+        12: {},
+        16: {"val/loss": val_losses[1]},
+    }
+
+
+class EvalLosses(Callback):
+    def __init__(self, into: list[float]) -> None:
+        self.into = into
+
+    def on_eval_end(self, state: TrainState) -> None:
+        self.into.append(state.metrics["val/loss"])
+
+
 def test_partial_folder_never_chosen(tmp_path):
     root = _save_at(tmp_path, steps=2, every=2)
     # A complete-looking save that was never committed (crash before the rename), newer.
@@ -319,7 +347,7 @@ def test_save_replaces_stale_partial_of_same_step(tmp_path):
     [
         (5, "auto", (1, 2), 0, False, False),  # saves at 5 and 10: resume from 10, epoch 1, 2 in
         (5, "path", (1, 2), 0, False, False),
-        (8, "auto", (0, 8), 0, False, False),  # saves at 8: the last batch of epoch 0, before val
+        (8, "auto", (1, 0), 0, False, False),  # saves at 8, after epoch 0 ends: epoch 1, 0 in
         # Two loader worker processes and a dropout schedule on top of shuffling and LR decay.
         (5, "auto", (1, 2), 2, True, False),
         # Saves written in the background: one is committed at the next save, so the crash
