@@ -36,6 +36,7 @@ from trainer.distributed.env import (
 )
 from trainer.distributed.parallelize import unwrap
 from trainer.loggers.base import Logger
+from trainer.metrics import EPOCH, SKIPPED_STEPS, TRAIN_LOSS, TRAIN_SPEED, eval_metrics
 from trainer.state import TrainState, rate_metrics
 from trainer.stop_signals import stop_on_signals
 
@@ -196,7 +197,7 @@ class Trainer:
             agreed = self._finish_reduce_in_flight()
             if log_step:
                 self._window.start_reduce(state.step, self._stop_request_flags())
-                state.log({**rate_metrics(self.optimizer), "epoch": state.epoch})
+                state.log({**rate_metrics(self.optimizer), EPOCH: state.epoch})
                 if not self._reduce_in_background():
                     agreed = self._finish_log_reduce()
             for hook in on_step_end:
@@ -293,7 +294,7 @@ class Trainer:
         if policy == "skip":
             self.consecutive_skips += 1
             self.skipped_steps += 1
-            state.log({"train/skipped_steps": self.skipped_steps})
+            state.log({SKIPPED_STEPS: self.skipped_steps})
             if self.consecutive_skips > self.cfg.max_consecutive_skips:
                 raise FloatingPointError(
                     f"{what}: {self.consecutive_skips} steps in a row skipped, more than max_consecutive_skips={self.cfg.max_consecutive_skips}"
@@ -347,7 +348,7 @@ class Trainer:
             sums[2] += targets.numel()
         model.train(was_training)
         loss_sum, correct, count = all_reduce_sum(sums, self.env.dp_group).tolist()
-        return {f"{split}/loss": loss_sum / count, f"{split}/accuracy": correct / count}
+        return dict(zip(eval_metrics(split), (loss_sum / count, correct / count), strict=True))
 
     def samples_per_second(self) -> float:
         """Global training samples per second in steady state (the first step excluded)."""
@@ -548,8 +549,8 @@ class _Window:
         metrics = {
             # Summed over all ranks. Under tensor parallelism the ranks of one group share a
             # batch and compute the same loss, so each batch counts tp times: world = dp x tp.
-            "train/loss": loss_sum / (reduction.count * env.world_size),
-            "train/samples_per_second": reduction.speed,
+            TRAIN_LOSS: loss_sum / (reduction.count * env.world_size),
+            TRAIN_SPEED: reduction.speed,
         }
         return metrics, flags
 
