@@ -7,6 +7,7 @@ import copy
 import gc
 import math
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -642,3 +643,25 @@ def test_current_tells_a_metric_of_these_weights_from_an_older_one(tmp_path):
 
     val = [current for step, current, _ in seen if current is not None]
     assert seen == [*steps(1, 8), (8, val[0], None), *steps(9, 16), (16, val[1], None)]
+
+
+def test_a_dropped_trainer_is_freed_at_once_with_its_loader_workers(tmp_path):
+    # No reference cycle holds a fitted trainer: dropping it frees it, and its loaders' worker
+    # processes are told to stop in order. Left to the cyclic GC, each worker took DataLoader's
+    # 5 s join timeout to go.
+    trainer = make_trainer(tmp_path, data={"num_workers": 2}, max_epochs=1)
+    trainer.fit()
+    trainer.test()
+    workers = [w for loader in (trainer.train_loader, trainer.test_loader)
+               for w in loader._iterator._workers]  # fmt: skip
+    assert workers and all(w.is_alive() for w in workers)
+    released = weakref.ref(trainer)
+    gc.disable()  # only reference counting may free it
+    try:
+        del trainer
+        assert released() is None
+    finally:
+        gc.enable()
+    for worker in workers:
+        worker.join(timeout=2)
+    assert not any(w.is_alive() for w in workers)
