@@ -133,6 +133,7 @@ def test_wheel_ships_the_recipes(tmp_path):
     (wheel,) = wheels.glob("hooktrain-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "trainer/cli.py" in names
+    assert "trainer/compress/lowrank.py" in names and "trainer/compress/quantize.py" in names
     assert "trainer/recipes/train.yaml" in names
     assert "trainer/recipes/model/cnn.yaml" in names
     shipped = {n for n in names if n.startswith("trainer/recipes/") and n.endswith(".yaml")}
