@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli
+from conftest import cli_env, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.cli import recipes_dir
+from trainer.throughput import human_flops
 
 pytestmark = pytest.mark.slow
 
@@ -83,11 +87,19 @@ def test_run_writes_everything_into_the_run_dir(tiny_run):
 
 def test_summary(tiny_run):
     summary = json.loads((tiny_run.out / "summary.json").read_text())
-    for key in ("test/accuracy", "test/loss", "train/loss", "samples_per_second", "wall_seconds"):
+    keys = ("test/accuracy", "test/loss", "train/loss", "train_step_samples_per_second")
+    for key in (*keys, "wall_seconds"):
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     assert 0.0 <= summary["test/accuracy"] <= 1.0
     assert summary["test/loss"] > 0 and summary["train/loss"] > 0
-    assert summary["samples_per_second"] > 0
+    assert summary["train_step_samples_per_second"] > 0
+    # A classifier: one target per sample, so no tokens/s; FLOPs readable in the printed table.
+    assert not any("tokens" in key for key in summary)
+    flops = summary["train_flops_per_sample"]
+    assert f"train_flops_per_sample │ {human_flops(flops)}" in " ".join(
+        tiny_run.proc.stderr.split()
+    )
+    assert "train_step_*_per_second: samples (tokens) trained per second" in tiny_run.proc.stderr
     assert 0 < summary["wall_seconds"] < tiny_run.seconds
     assert summary["world_size"] == 1
     assert summary["steps"] == MAX_STEPS
@@ -233,13 +245,27 @@ def test_config_error_is_one_line_and_exit_code_2(tmp_path, overrides, message):
         assert not (run_dir / name).exists(), name
 
 
-def test_unknown_key_fails_while_composing(tmp_path):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # A fixed section's typo: its keys are the schema's.
+        (
+            "data.batchsize=64",
+            "data.batchsize: unknown key (data takes: dataset, batch_size, eval_batch_size, "
+            "num_workers, shuffle, drop_last, batched_fetch)",
+        ),
+        ("optim.lrr=1", "optim.lrr: unknown key for torch.optim.AdamW (optim takes: lr, "),
+    ],
+    ids=["schema_section", "target_section"],
+)
+def test_a_typo_without_plus_is_one_line_naming_the_section_keys(tmp_path, override, message):
     run_dir = tmp_path / "run"
-    proc = run_cli([*TINY, "optim.lrr=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "lrr" in proc.stderr
-    assert "Traceback" not in proc.stderr  # Hydra's short error, not a stack dump
-    assert not run_dir.exists()
+    proc = run_cli([*TINY, override, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith(f"hooktrain: config error: {message}")
+    assert "+" not in lines[0]  # not Hydra's hint, which would only add the typo
+    assert not run_dir.exists()  # refused while composing: no run folder at all
 
 
 # --------------------------------------------------------------------------- --help
@@ -270,3 +296,80 @@ def test_help_lists_every_group_and_option(tmp_path):
     # and the composed default config follows
     assert "_target_: trainer.models.CNN" in text
     assert not (tmp_path / "outputs").exists()
+
+
+# --------------------------------------------------------------------------- one run folder, one run
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from trainer.run_folder import hold
+
+with hold(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _one_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    assert proc.returncode == code, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_a_finished_runs_folder_is_held_and_kept(tiny_run, tmp_path):
+    """A live job holds its folder: a second job is refused, naming the holder; the lock of a
+    killed holder is taken over. A resume of the finished run, and one that fails, leave what
+    the run wrote as it was."""
+    same_config = [*TINY, f"log_every_steps={LOG_EVERY}"] + [
+        "checkpoint.every_steps=2", "checkpoint.best_monitor=train/loss", "checkpoint.best_mode=min",
+    ]  # fmt: skip
+    held, damaged = tmp_path / "held", tmp_path / "damaged"
+    for copy in (held, damaged):
+        shutil.copytree(tiny_run.out, copy)
+    written = {name: (held / name).read_bytes() for name in ("config.yaml", "summary.json")}
+    damaged_step = damaged / "checkpoints" / "step_00000004"
+    with open(damaged_step / "trainer_state.pt", "ab") as file:
+        file.write(b"\0")  # its checksum no longer matches the manifest's
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(held)], env=cli_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        # Meanwhile, on the other copy: a checkpoint error in a job hooktrain launched itself.
+        launched = subprocess.Popen(
+            [sys.executable, "-m", "trainer", *same_config, "parallel=ddp",
+             "parallel.nproc_per_node=2", f"resume={damaged_step}", f"hydra.run.dir={damaged}"],
+            cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        refused = run_cli([*same_config, "resume=auto", f"hydra.run.dir={held}"], cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    line = _one_line(refused, 2)
+    assert line.startswith(f"hooktrain: config error: hydra.run.dir: {held} is in use by another")
+    assert f"pid {holder.pid})" in line
+
+    # The holder died without releasing its lock: the next job takes it over. No step is left
+    # to train, so the finished run's files stay as they were.
+    resumed = run_cli([*same_config, "resume=auto", f"hydra.run.dir={held}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    taken = f"taking over the lock of host {socket.gethostname()} pid {holder.pid}"
+    assert taken in (held / "hooktrain_rank0.log").read_text()  # and on the console
+    assert "had already trained to step 5; nothing to do" in resumed.stderr
+    assert {name: (held / name).read_bytes() for name in written} == written
+    assert (held / "hooktrain.lock").read_text() == ""  # released
+
+    launched_stderr = launched.communicate(timeout=240)[1]
+    line = _one_line(
+        subprocess.CompletedProcess(launched.args, launched.returncode, "", launched_stderr), 3
+    )
+    assert (
+        line
+        == f"hooktrain: checkpoint error: {damaged_step / 'trainer_state.pt'}: checksum mismatch (truncated or corrupted)"
+    )
+    for name, content in written.items():
+        assert (damaged / name).read_bytes() == content, name
+    assert (damaged_step / "trainer_state.pt").exists()  # left for inspection
