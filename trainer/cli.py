@@ -230,7 +230,7 @@ def main() -> None:
         else:
             os.environ["HYDRA_FULL_ERROR"] = asked_full_error
     if isinstance(error, (ConfigCompositionException, OverrideParseException)):
-        _exit(ConfigError(_composition_message(error)), say=os.environ.get("RANK", "0") == "0")
+        _exit(ConfigError(composition_message(error)), say=os.environ.get("RANK", "0") == "0")
     if asked_full_error == "1":
         raise error
     # Hydra's short report: a message, or the traceback from the task function down.
@@ -246,7 +246,7 @@ def main() -> None:
     sys.exit(1)
 
 
-def _composition_message(err: ConfigCompositionException | OverrideParseException) -> str:
+def composition_message(err: ConfigCompositionException | OverrideParseException) -> str:
     """Hydra's several lines as one: for an override of a key the config lacks, the key and the
     keys its section takes (Hydra's hint, `+key=...`, would only add the typo)."""
     cause = err.__cause__
