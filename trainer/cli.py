@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -42,6 +42,9 @@ from trainer.config import ConfigError, TrainConfig, register_schema, validate
 from trainer.distributed.env import any_rank, distributed
 from trainer.distributed.launch import launch
 from trainer.throughput import SUMMARY_NOTE, human_flops, throughput_summary
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
 
 STARTED = trainer.STARTED
 EXIT_CODES = {"config": 2, "checkpoint": 3}
@@ -76,44 +79,21 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if env.is_global_zero:  # the run is known to start: now it is on record
             run_folder.record_config(run_dir, resolved)
+        summary_path = run_dir / "summary.json"
         try:  # the loggers are closed (files flushed, wandb finished) even when the run fails
             fit_trainer.logger.log_config(resolved)
             state = fit_trainer.fit()
-            summary_path = run_dir / "summary.json"
             # No step in this process: a resume of a finished run, whose summary stays as it is.
             # Every rank ran the same steps, so every rank takes the same branch.
             if fit_trainer.first_step_done is None and summary_path.exists():
                 if env.is_global_zero:
-                    print(f"hooktrain: {run_dir} had already trained to step {state.step}; "
-                          "nothing to do (its summary.json is kept)", file=sys.stderr)  # fmt: skip
+                    done = f"{run_dir} had already trained to step {state.step}"
+                    print(
+                        f"hooktrain: {done}; nothing to do (its summary.json is kept)",
+                        file=sys.stderr,
+                    )
                 return json.loads(summary_path.read_text())
-            metrics = dict(state.metrics)
-            # Preempted (a signal on any rank): every rank skips the test and exits promptly.
-            preempted = any_rank([fit_trainer.preempted_by is not None], env.device)[0]
-            if typed.test_after_fit and not preempted:
-                metrics.update(fit_trainer.test())
-            summary = {
-                # the log windows' throughput is in the logs; the summary's is steady-state
-                **{
-                    k: v
-                    for k, v in metrics.items()
-                    if k.startswith(("train/", "val/", "test/", "pruning/"))
-                    and k != "train/samples_per_second"
-                },
-                **throughput_summary(
-                    fit_trainer.samples_per_second(), env.world_size, facts, env.device
-                ),
-                "seconds_to_first_step": (fit_trainer.first_step_done or time.time()) - started,
-                "wall_seconds": time.time() - started,
-                "world_size": env.world_size,
-                "parameters": facts["parameters"],
-                "steps": state.step,
-                "epochs": state.epoch,
-                "stop_reason": state.stop_reason or "budget reached",
-                "run_dir": str(run_dir),
-            }
-            if typed.checkpoint.best_monitor and (best := fit_trainer.checkpointer.best()):
-                summary["best_checkpoint"] = str(best)
+            summary = _summarise(fit_trainer, facts, started, run_dir)
             numbers = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
             fit_trainer.logger.log_metrics(numbers, state.step)
         finally:
@@ -122,6 +102,42 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
             summary_path.write_text(json.dumps(summary, indent=2) + "\n")
             _print_summary(summary)
         return summary
+
+
+def _summarise(
+    fit_trainer: Trainer, facts: dict[str, int], started: float, run_dir: Path
+) -> dict[str, Any]:
+    """The fitted run's summary, after its test pass (unless preempted)."""
+    state, env = fit_trainer.state, fit_trainer.env
+    metrics = dict(state.metrics)
+    # Preempted (a signal on any rank): every rank skips the test and exits promptly.
+    preempted = any_rank([fit_trainer.preempted_by is not None], env.device)[0]
+    if fit_trainer.cfg.test_after_fit and not preempted:
+        metrics.update(fit_trainer.test())
+    summary = {
+        # the log windows' throughput is in the logs; the summary's is steady-state
+        **{
+            k: v
+            for k, v in metrics.items()
+            if k.startswith(("train/", "val/", "test/", "pruning/"))
+            and k != "train/samples_per_second"
+        },
+        **throughput_summary(fit_trainer.samples_per_second(), env.world_size, facts, env.device),
+    }
+    if fit_trainer.first_step_done is not None:  # None: no step ran in this process
+        summary["seconds_to_first_step"] = fit_trainer.first_step_done - started
+    summary.update(
+        wall_seconds=time.time() - started,
+        world_size=env.world_size,
+        parameters=facts["parameters"],
+        steps=state.step,
+        epochs=state.epoch,
+        stop_reason=state.stop_reason or "budget reached",
+        run_dir=str(run_dir),
+    )
+    if fit_trainer.cfg.checkpoint.best_monitor and (best := fit_trainer.checkpointer.best()):
+        summary["best_checkpoint"] = str(best)
+    return summary
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -170,6 +186,7 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
         with run_folder.hold(run_dir) if rank_zero else contextlib.nullcontext():
             if rank_zero:
                 run_folder.refuse_other_run(run_dir, cfg.resume)
+                run_folder.record_command(run_dir, cfg)
             if launching:
                 container = OmegaConf.to_container(cfg, resolve=True)
                 summary = _launch(container, nproc, str(run_dir))
@@ -190,10 +207,10 @@ def _launch(container: dict[str, Any], nproc: int, run_dir: str) -> dict[str, An
         codes = tuple(EXIT_CODES.values())
         return launch(_launched_job, nproc, container, run_dir, _job_started, quiet_exits=codes)[0]
     except ChildFailedError as err:
-        for failure in sorted(err.failures.items()):
-            if failure[1].exitcode in codes and failure[1].message:
-                print(failure[1].message, file=sys.stderr)
-                sys.exit(failure[1].exitcode)
+        for _, failure in sorted(err.failures.items()):
+            if failure.exitcode in codes and failure.message:
+                print(failure.message, file=sys.stderr)
+                sys.exit(failure.exitcode)
         raise
 
 

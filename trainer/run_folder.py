@@ -7,7 +7,8 @@
 - `hold` takes a lock on the folder for the life of a job (rank 0), so that a second job on it is
   refused instead of mixing its checkpoints and metrics into the first one's.
 - `refuse_other_run` keeps a command that does not resume a folder's run out of it.
-- `record_config` writes config.yaml once the run is known to start; a resume keeps it.
+- `record_command` and `record_config` write Hydra's record of the command (.hydra/) and the
+  resolved config (config.yaml) once the run is known to start; a later command keeps them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import ConfigError
 
@@ -138,7 +140,22 @@ def refuse_other_run(run_dir: Path, resume: str | None) -> None:
     )
 
 
-# ----------------------------------------------------------------------------- the run's config
+# ----------------------------------------------------------------------------- the run's record
+def record_command(run_dir: Path, task_cfg: DictConfig) -> None:
+    """Hydra's record of the command that started the run: .hydra/ with the composed config,
+    Hydra's own and the overrides, as Hydra writes them. recipes/train.yaml turns Hydra's own
+    writing off (`hydra.output_subdir: null`): it would rewrite them for every later command in
+    the folder, a refused one included, before hooktrain could look at the folder."""
+    record = run_dir / ".hydra"
+    if record.exists():
+        return
+    hydra_cfg = HydraConfig.get()
+    record.mkdir()
+    (record / "config.yaml").write_text(OmegaConf.to_yaml(task_cfg))
+    (record / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    (record / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
+
+
 def record_config(run_dir: Path, resolved: dict[str, Any]) -> Path | None:
     """Write the resolved config as config.yaml, once the run is known to start.
 

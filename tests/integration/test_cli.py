@@ -339,7 +339,8 @@ def test_a_finished_runs_folder_is_held_and_kept(tiny_run, tmp_path):
     held, damaged = tmp_path / "held", tmp_path / "damaged"
     for copy in (held, damaged):
         shutil.copytree(tiny_run.out, copy)
-    written = {name: (held / name).read_bytes() for name in ("config.yaml", "summary.json")}
+    kept = ("config.yaml", "summary.json", ".hydra/overrides.yaml", ".hydra/config.yaml")
+    written = {name: (held / name).read_bytes() for name in kept}
     metrics = (held / "metrics.jsonl").read_bytes()
     damaged_file = damaged / "checkpoints" / "step_00000004" / "trainer_state.pt"
     with open(damaged_file, "ab") as file:
