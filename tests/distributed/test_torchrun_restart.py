@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import cli_env
 
+from trainer.config import ConfigError
+from trainer.distributed.env import init_distributed
+
 # A worker through hooktrain's own process-group setup (trainer.distributed.env): in the first
 # attempt both ranks connect and reduce, then rank 1 dies; in the restart rank 1 comes late.
 WORKER = """
@@ -55,3 +58,14 @@ def test_restarted_group_connects_with_the_shared_store_on(tmp_path):
     assert "connectFullMesh" not in proc.stderr
     lines = sorted(Path(result).read_text().splitlines())
     assert lines == ["attempt 1 rank 0 sum 2", "attempt 1 rank 1 sum 2"]
+
+
+def test_restarts_on_several_nodes_with_the_shared_store_are_refused(monkeypatch):
+    """Across nodes the restart count differs between agents, so no prefix is safe: one line
+    giving the fix, before any process group."""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node"):
+        init_distributed("cpu", "gloo", 5)
