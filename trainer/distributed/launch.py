@@ -54,9 +54,10 @@ def _without_tracebacks_for(exit_codes: Collection[int]) -> Iterator[None]:
     stopped after a failure (the ChildFailedError names the rank that failed)."""
 
     def keep(record: logging.LogRecord) -> bool:
-        if record.msg.startswith("failed (exitcode"):
+        message = str(record.msg)
+        if message.startswith("failed (exitcode"):
             return record.args[0] not in exit_codes
-        return not record.msg.startswith("Terminating process")
+        return not message.startswith("Terminating process")
 
     loggers = [
         logging.getLogger("torch.distributed.elastic.multiprocessing.api"),
