@@ -101,15 +101,22 @@ def hold(run_dir: Path) -> Iterator[None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     with os.fdopen(fd, "r+") as lock:
-        holder = lock.read().strip()
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
+            holder = lock.read().strip() or "starting"
             raise ConfigError(
-                f"hydra.run.dir: {run_dir} is in use by another job ({holder or 'starting'}); "
-                "wait for it to end, or choose another folder"
+                f"hydra.run.dir: {run_dir} is in use by another job ({holder}); wait for it to "
+                "end, or choose another folder"
             ) from None
-        if holder:
+        except OSError as err:  # a filesystem without locks (some NFS mounts)
+            log.warning(
+                "%s: cannot be locked (%s); a second job would not be refused", run_dir, err
+            )
+            yield
+            return
+        if holder := lock.read().strip():
             log.warning(
                 "%s: taking over the lock of %s, which ended without releasing it", run_dir, holder
             )
