@@ -114,6 +114,8 @@ def hold(run_dir: Path) -> Iterator[None]:
             log.warning(
                 "%s: cannot be locked (%s); a second job would not be refused", run_dir, err
             )
+            locked = False
+        if not locked:
             yield
             return
         if holder := lock.read().strip():
