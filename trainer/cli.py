@@ -253,13 +253,17 @@ def main() -> None:
     # Hydra's short report: a message, or the traceback from the task function down.
     if isinstance(error, CompactHydraException):
         cause = error.__cause__
-        print(error, *([cause] if isinstance(cause, OmegaConfBaseException) else []), sep="\n", file=sys.stderr)  # fmt: skip
+        causes = [cause] if isinstance(cause, OmegaConfBaseException) else []
+        print(error, *causes, sep="\n", file=sys.stderr)
     else:
         tb = error.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_name != "run_job":
             tb = tb.tb_next
         traceback.print_exception(type(error), error, tb.tb_next if tb else error.__traceback__)
-    print("\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", file=sys.stderr)  # fmt: skip
+    print(
+        "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.",
+        file=sys.stderr,
+    )
     sys.exit(1)
 
 
@@ -272,7 +276,8 @@ def composition_message(err: ConfigCompositionException | OverrideParseException
         keys = [k for k in cause.parent_node or () if k not in ("hydra", "_target_")]
         target = (cause.parent_node or {}).get("_target_")
         where = f" for {target}" if target else ""
-        return f"{cause.full_key}: unknown key{where} ({section or 'the config'} takes: {', '.join(keys)})"
+        takes = f"{section or 'the config'} takes: {', '.join(keys)}"
+        return f"{cause.full_key}: unknown key{where} ({takes})"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if isinstance(err, OverrideParseException):
         return f"{err.override}: {lines[0]}"
