@@ -3,4 +3,5 @@
 #   launch/local.sh experiment=mnist1d_cnn max_epochs=3
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" -m trainer "$@"
+source launch/env.sh
+exec "$PY" -m trainer "$@"

@@ -8,9 +8,10 @@ set -euo pipefail
 # (pytorch/pytorch#135712): one store per attempt.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 cd "$(dirname "$0")/.."
+source launch/env.sh
 : "${NNODES:?set NNODES}" "${NPROC:?set NPROC (processes per node)}" "${RDZV_HOST:?set RDZV_HOST}"
 RUN_ID=${RUN_ID:-hooktrain}
-exec torchrun \
+exec "$PY" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_HOST:${RDZV_PORT:-29500}" --rdzv_id="$RUN_ID" \
   --max-restarts="${MAX_RESTARTS:-3}" --local-ranks-filter=0 \

@@ -7,35 +7,47 @@
     torchrun --nproc_per_node=2 -m trainer parallel=ddp
 
 `hooktrain --help` lists the config groups; `hooktrain --cfg job` prints the composed config.
+Bad input ends in one line and exit code 2 (config) or 3 (checkpoint); see `_exit`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import os
 import sys
 import time
-from datetime import datetime
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import (
+    CompactHydraException,
+    ConfigCompositionException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from rich.console import Console
 from rich.table import Table
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 import trainer
+from trainer import run_folder
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, TrainConfig, register_schema, validate
 from trainer.distributed.env import any_rank, distributed
 from trainer.distributed.launch import launch
-from trainer.throughput import throughput_summary
+from trainer.throughput import SUMMARY_NOTE, human_flops, throughput_summary
 
-log = logging.getLogger("hooktrain")
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
 STARTED = trainer.STARTED
+EXIT_CODES = {"config": 2, "checkpoint": 3}
 
 
 def recipes_dir() -> Path:
@@ -44,22 +56,10 @@ def recipes_dir() -> Path:
     return installed if installed.is_dir() else Path(trainer.__file__).parent.parent / "recipes"
 
 
-def _run_id() -> str:
-    """The run folder's name, the same on every rank of a job.
-
-    torchrun shares TORCHELASTIC_RUN_ID with all ranks (`--standalone` draws a fresh one, or set
-    `--rdzv-id`). Without either it is "none" for every job, so the ranks fall back to their
-    launcher's process id, which they share on one node. A plain run uses the clock.
-    """
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run_id and run_id != "none":
-        return run_id
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return f"torchrun-{os.getppid()}"
-    return datetime.now().strftime("%H-%M-%S")
-
-
-OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True, replace=True)
+# `hydra.run.dir: ${run_folder:outputs}`: cached, so a job resolves its folder once.
+OmegaConf.register_new_resolver(
+    "run_folder", run_folder.new_run_folder, use_cache=True, replace=True
+)
 register_schema()
 
 
@@ -70,62 +70,104 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
     with distributed(typed.device, typed.parallel.backend, typed.parallel.timeout_s) as env:
         from trainer.build import build_trainer  # heavy imports after validation: errors come fast
 
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fit_trainer, facts = build_trainer(typed, env, run_dir)
+        except ConfigError:
+            raise
+        except ValueError as err:  # what only building can check: the Trainer's own refusals
+            raise ConfigError(str(err)) from None
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        if env.is_global_zero:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        fit_trainer, facts = build_trainer(typed, env, run_dir)
+        if env.is_global_zero:  # the run is known to start: now it is on record
+            run_folder.record_config(run_dir, resolved)
+        summary_path = run_dir / "summary.json"
         try:  # the loggers are closed (files flushed, wandb finished) even when the run fails
             fit_trainer.logger.log_config(resolved)
             state = fit_trainer.fit()
-            metrics = dict(state.metrics)
-            # Preempted (a signal on any rank): every rank skips the test and exits promptly.
-            preempted = any_rank([fit_trainer.preempted_by is not None], env.device)[0]
-            if typed.test_after_fit and not preempted:
-                metrics.update(fit_trainer.test())
-            summary = {
-                # the last log window's throughput is in the logs; the summary's is steady-state
-                **{
-                    k: v
-                    for k, v in metrics.items()
-                    if k.startswith(("train/", "val/", "test/", "pruning/"))
-                    and k != "train/samples_per_second"
-                },
-                **throughput_summary(
-                    fit_trainer.samples_per_second(), env.world_size, facts, env.device
-                ),
-                "seconds_to_first_step": (fit_trainer.first_step_done or time.time()) - started,
-                "wall_seconds": time.time() - started,
-                "world_size": env.world_size,
-                "parameters": facts["parameters"],
-                "steps": state.step,
-                "epochs": state.epoch,
-                "stop_reason": state.stop_reason or "budget reached",
-                "run_dir": str(run_dir),
-            }
-            if typed.checkpoint.best_monitor and (best := fit_trainer.checkpointer.best()):
-                summary["best_checkpoint"] = str(best)
+            # No step in this process: a resume of a finished run, whose summary stays as it is.
+            # Every rank ran the same steps, so every rank takes the same branch.
+            if fit_trainer.first_step_done is None and summary_path.exists():
+                if env.is_global_zero:
+                    done = f"{run_dir} had already trained to step {state.step}"
+                    print(
+                        f"hooktrain: {done}; nothing to do (its summary.json is kept)",
+                        file=sys.stderr,
+                    )
+                return json.loads(summary_path.read_text())
+            summary = _summarise(fit_trainer, facts, started, run_dir)
             numbers = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
             fit_trainer.logger.log_metrics(numbers, state.step)
         finally:
             fit_trainer.logger.finish()
         if env.is_global_zero:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
             _print_summary(summary)
         return summary
 
 
+def _summarise(
+    fit_trainer: Trainer, facts: dict[str, int], started: float, run_dir: Path
+) -> dict[str, Any]:
+    """The fitted run's summary, after its test pass (unless preempted)."""
+    state, env = fit_trainer.state, fit_trainer.env
+    metrics = dict(state.metrics)
+    # Preempted (a signal on any rank): every rank skips the test and exits promptly.
+    preempted = any_rank([fit_trainer.preempted_by is not None], env.device)[0]
+    if fit_trainer.cfg.test_after_fit and not preempted:
+        metrics.update(fit_trainer.test())
+    summary = {
+        # the log windows' throughput is in the logs; the summary's is steady-state
+        **{
+            k: v
+            for k, v in metrics.items()
+            if k.startswith(("train/", "val/", "test/", "pruning/"))
+            and k != "train/samples_per_second"
+        },
+        **throughput_summary(fit_trainer.samples_per_second(), env.world_size, facts, env.device),
+    }
+    if fit_trainer.first_step_done is not None:  # None: no step ran in this process
+        summary["seconds_to_first_step"] = fit_trainer.first_step_done - started
+    summary.update(
+        wall_seconds=time.time() - started,
+        world_size=env.world_size,
+        parameters=facts["parameters"],
+        steps=state.step,
+        epochs=state.epoch,
+        stop_reason=state.stop_reason or "budget reached",
+        run_dir=str(run_dir),
+    )
+    if fit_trainer.cfg.checkpoint.best_monitor and (best := fit_trainer.checkpointer.best()):
+        summary["best_checkpoint"] = str(best)
+    return summary
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title="hooktrain summary", show_header=False)
+    caption = SUMMARY_NOTE if "train_step_samples_per_second" in summary else None
+    table = Table(
+        title="hooktrain summary", show_header=False, caption=caption, caption_justify="left"
+    )
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a long run_dir wraps instead of being cut
     for key, value in summary.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(key, _shown(key, value))
     Console(stderr=True).print(table)
 
 
+def _shown(key: str, value: Any) -> str:
+    if key.endswith("flops_per_sample"):
+        return human_flops(value)
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- jobs
 def _launched_job(container: dict[str, Any], run_dir: str, started: float) -> dict[str, Any]:
     """One rank of a job that `hooktrain` launched itself (parallel.nproc_per_node > 1)."""
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
-    return run(cfg, Path(run_dir), started)
+    try:
+        return run(cfg, Path(run_dir), started)
+    except (ConfigError, CheckpointError) as err:
+        _exit(err, say=False, record=True)  # the launching process says it, once
 
 
 _job_started = STARTED  # each job of a sweep times itself from the end of the previous one
@@ -135,27 +177,110 @@ _job_started = STARTED  # each job of a sweep times itself from the end of the p
 def _hydra_entry(cfg: DictConfig) -> float | None:
     global _job_started
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Every rank of a torchrun job sees the same config: rank 0 alone reports and holds the folder.
+    rank_zero = os.environ.get("RANK", "0") == "0"
     try:
         nproc = int(cfg.parallel.nproc_per_node)
         launching = nproc > 1 and "WORLD_SIZE" not in os.environ
         validate(cfg, world_size=nproc if launching else None)
-        if launching:
-            container = OmegaConf.to_container(cfg, resolve=True)
-            summary = launch(_launched_job, nproc, container, str(run_dir), _job_started)[0]
-        else:
-            summary = run(cfg, run_dir, _job_started)
-    except ConfigError as err:
-        print(f"hooktrain: config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except CheckpointError as err:
-        print(f"hooktrain: checkpoint error: {err}", file=sys.stderr)
-        sys.exit(3)
+        with run_folder.hold(run_dir) if rank_zero else contextlib.nullcontext():
+            if rank_zero:
+                run_folder.refuse_other_run(run_dir, cfg.resume)
+                run_folder.record_command(run_dir, cfg)
+            if launching:
+                container = OmegaConf.to_container(cfg, resolve=True)
+                summary = _launch(container, nproc, str(run_dir))
+            else:
+                summary = run(cfg, run_dir, _job_started)
+    except (ConfigError, CheckpointError) as err:
+        _exit(err, say=rank_zero, record=isinstance(err, CheckpointError))
     finally:
         _job_started = time.time()
     # A sweeper that optimises (e.g. Optuna) reads the returned value.
     return summary.get("val/loss")
 
 
+def _launch(container: dict[str, Any], nproc: int, run_dir: str) -> dict[str, Any]:
+    """Run the job in `nproc` local processes; a rank that ended with hooktrain's own error (see
+    `_exit`) left its one line in torchrun's error file: say that line and exit with its code."""
+    try:
+        codes = tuple(EXIT_CODES.values())
+        return launch(_launched_job, nproc, container, run_dir, _job_started, quiet_exits=codes)[0]
+    except ChildFailedError as err:
+        for _, failure in sorted(err.failures.items()):
+            if failure.exitcode in codes and failure.message:
+                print(failure.message, file=sys.stderr)
+                sys.exit(failure.exitcode)
+        raise
+
+
+def _exit(err: ConfigError | CheckpointError, say: bool, record: bool = False) -> NoReturn:
+    """End with one line naming what is wrong, and exit code 2 (config) or 3 (checkpoint).
+
+    `record`: also write the line into this worker's torchrun error file, where hooktrain's own
+    launcher reads it, and where torchrun's failure report shows it for a rank that did not say
+    it (a checkpoint error may be one rank's alone; a config error is every rank's)."""
+    kind = "config" if isinstance(err, ConfigError) else "checkpoint"
+    line = f"hooktrain: {kind} error: {err}"
+    if record and (error_file := os.environ.get("TORCHELASTIC_ERROR_FILE")):
+        Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    if say:
+        print(line, file=sys.stderr)
+    sys.exit(EXIT_CODES[kind])
+
+
+# ----------------------------------------------------------------------------- entry point
 @record  # under torchrun, a failing rank's traceback lands in the agent's error report
 def main() -> None:
-    _hydra_entry()
+    """`hooktrain`. Hydra is made to raise rather than report, so that a config it cannot
+    compose ends like every other config error; any other error gets Hydra's short report."""
+    asked_full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_entry()
+        return
+    except Exception as err:  # noqa: BLE001 - reported below, as Hydra would
+        error = err
+    finally:
+        if asked_full_error is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = asked_full_error
+    if isinstance(error, (ConfigCompositionException, OverrideParseException)):
+        _exit(ConfigError(composition_message(error)), say=os.environ.get("RANK", "0") == "0")
+    if asked_full_error == "1":
+        raise error
+    # Hydra's short report: a message, or the traceback from the task function down.
+    if isinstance(error, CompactHydraException):
+        cause = error.__cause__
+        causes = [cause] if isinstance(cause, OmegaConfBaseException) else []
+        print(error, *causes, sep="\n", file=sys.stderr)
+    else:
+        tb = error.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_name != "run_job":
+            tb = tb.tb_next
+        traceback.print_exception(type(error), error, tb.tb_next if tb else error.__traceback__)
+    print(
+        "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.",
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
+
+def composition_message(err: ConfigCompositionException | OverrideParseException) -> str:
+    """Hydra's several lines as one: for an override of a key the config lacks, the key and the
+    keys its section takes (Hydra's hint, `+key=...`, would only add the typo)."""
+    cause = err.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        section, _, _ = cause.full_key.rpartition(".")
+        keys = [k for k in cause.parent_node or () if k not in ("hydra", "_target_")]
+        target = (cause.parent_node or {}).get("_target_")
+        where = f" for {target}" if target else ""
+        takes = f"{section or 'the config'} takes: {', '.join(keys)}"
+        return f"{cause.full_key}: unknown key{where} ({takes})"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, OverrideParseException):
+        return f"{err.override}: {lines[0]}"
+    if isinstance(err, MissingConfigException) and err.options:
+        return f"{lines[0]} (options: {', '.join(err.options)})"
+    return "; ".join(lines)

@@ -1,5 +1,6 @@
-"""Throughput figures: FLOPs per training sample (torch.utils.flop_counter) and model FLOPs
-utilisation (MFU) against the accelerator's published dense bf16 peak."""
+"""Throughput figures: FLOPs per training sample (torch.utils.flop_counter), model FLOPs
+utilisation (MFU) against the accelerator's published dense bf16 peak, and the summary's
+throughput keys."""
 
 from __future__ import annotations
 
@@ -54,19 +55,42 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+# What the summary's throughput measures, against the progress bar's figure: printed under the
+# summary table, since the two can differ many times over on a loaded machine.
+SUMMARY_NOTE = (
+    "train_step_*_per_second: samples (tokens) trained per second of time spent inside training "
+    "steps, every step but the first. The progress bar's samples/s: the latest log window's "
+    "samples over its wall-clock time, data loading, evaluation, checkpoints and logging included."
+)
+
+
 def throughput_summary(
     samples_per_second: float, world_size: int, facts: dict[str, int], device: torch.device
 ) -> dict[str, float]:
-    """Global and per-rank samples/s and tokens/s, FLOPs per sample, and MFU where the peak is known."""
-    tokens_per_second = samples_per_second * facts["tokens_per_sample"]
-    out = {
-        "samples_per_second": samples_per_second,
-        "samples_per_second_per_rank": samples_per_second / world_size,
-        "tokens_per_second": tokens_per_second,
-        "tokens_per_second_per_rank": tokens_per_second / world_size,
-        "flops_per_sample": facts["flops_per_sample"],
-    }
+    """The summary's training throughput, each key named after what it measures: global and
+    per-rank samples/s inside training steps (`Trainer.samples_per_second`), tokens/s for
+    sequence models (more than one token per sample), training FLOPs per sample, and MFU where
+    the peak is known. Without a timed step (a resume with one step left, say) there is no rate."""
+    out: dict[str, float] = {}
+    if samples_per_second > 0:
+        out["train_step_samples_per_second"] = samples_per_second
+        out["train_step_samples_per_second_per_rank"] = samples_per_second / world_size
+        if facts["tokens_per_sample"] > 1:
+            tokens_per_second = samples_per_second * facts["tokens_per_sample"]
+            out["train_step_tokens_per_second"] = tokens_per_second
+            out["train_step_tokens_per_second_per_rank"] = tokens_per_second / world_size
+    out["train_flops_per_sample"] = facts["flops_per_sample"]
     peak = peak_flops(device)
-    if peak:
+    if peak and samples_per_second > 0:
         out["mfu"] = samples_per_second * facts["flops_per_sample"] / (peak * world_size)
     return out
+
+
+def human_flops(flops: float) -> str:
+    """A FLOP count in the unit that keeps it below 1000: 2047488 -> '2.05 MFLOP'."""
+    units = ("", "k", "M", "G", "T", "P")
+    power = 0
+    while abs(flops) >= 1000 and power < len(units) - 1:
+        flops /= 1000
+        power += 1
+    return f"{flops:.3g} {units[power]}FLOP"

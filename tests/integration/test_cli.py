@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli
+from conftest import cli_env, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.cli import recipes_dir
+from trainer.cli import composition_message, recipes_dir
+from trainer.throughput import human_flops
 
 pytestmark = pytest.mark.slow
 
@@ -61,17 +67,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- one tiny run
 
+# The default loggers (tensorboard, wandb offline, jsonl) all stay on. Checkpoints every 2 steps
+# keep the last 2 and the lowest training loss.
+TINY_RUN = [
+    *TINY,
+    f"log_every_steps={LOG_EVERY}",
+    "checkpoint.every_steps=2",
+    "checkpoint.best_monitor=train/loss",
+    "checkpoint.best_mode=min",
+]
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Run:
-    # The default loggers (tensorboard, wandb offline, jsonl) all stay on.
-    # Checkpoints every 2 steps keep the last 2 and the lowest training loss.
-    best = [
-        "checkpoint.every_steps=2",
-        "checkpoint.best_monitor=train/loss",
-        "checkpoint.best_mode=min",
-    ]
-    return ok(launch(tmp_path_factory, "tiny", [*TINY, f"log_every_steps={LOG_EVERY}", *best]))
+    return ok(launch(tmp_path_factory, "tiny", TINY_RUN))
 
 
 def test_run_writes_everything_into_the_run_dir(tiny_run):
@@ -83,11 +92,19 @@ def test_run_writes_everything_into_the_run_dir(tiny_run):
 
 def test_summary(tiny_run):
     summary = json.loads((tiny_run.out / "summary.json").read_text())
-    for key in ("test/accuracy", "test/loss", "train/loss", "samples_per_second", "wall_seconds"):
+    keys = ("test/accuracy", "test/loss", "train/loss", "train_step_samples_per_second")
+    for key in (*keys, "wall_seconds"):
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     assert 0.0 <= summary["test/accuracy"] <= 1.0
     assert summary["test/loss"] > 0 and summary["train/loss"] > 0
-    assert summary["samples_per_second"] > 0
+    assert summary["train_step_samples_per_second"] > 0
+    # A classifier: one target per sample, so no tokens/s; FLOPs readable in the printed table.
+    assert not any("tokens" in key for key in summary)
+    flops = summary["train_flops_per_sample"]
+    assert f"train_flops_per_sample │ {human_flops(flops)}" in " ".join(
+        tiny_run.proc.stderr.split()
+    )
+    assert "train_step_*_per_second: samples (tokens) trained per second" in tiny_run.proc.stderr
     assert 0 < summary["wall_seconds"] < tiny_run.seconds
     assert summary["world_size"] == 1
     assert summary["steps"] == MAX_STEPS
@@ -233,13 +250,35 @@ def test_config_error_is_one_line_and_exit_code_2(tmp_path, overrides, message):
         assert not (run_dir / name).exists(), name
 
 
-def test_unknown_key_fails_while_composing(tmp_path):
+def test_a_typo_without_plus_is_one_line_naming_the_section_keys(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli([*TINY, "optim.lrr=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "lrr" in proc.stderr
-    assert "Traceback" not in proc.stderr  # Hydra's short error, not a stack dump
-    assert not run_dir.exists()
+    proc = run_cli([*TINY, "data.batchsize=64", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "hooktrain: config error: data.batchsize: unknown key (data takes: dataset, batch_size, "
+        "eval_batch_size, num_workers, shuffle, drop_last, batched_fetch)"
+    ]  # not Hydra's hint, `+data.batchsize=64`, which would only add the typo
+    assert not run_dir.exists()  # refused while composing: no run folder at all
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "optim.lrr: unknown key for torch.optim.AdamW (optim takes: lr, "),
+        ("seeed=1", "seeed: unknown key (the config takes: data, model, optim, "),
+        ("optim=adam", "In 'train': Could not find 'optim/adam' (options: adamw, sgd)"),
+        ("model.hidden=[3", "model.hidden=[3: no viable alternative at input '[3'"),
+    ],
+)
+def test_what_hydra_cannot_compose_is_said_in_one_line(override, message):
+    """The same translation of Hydra's errors, in this process: a `_target_` section's keys, the
+    top level's, a group option that does not exist, an override that does not parse."""
+    refused = pytest.raises((ConfigCompositionException, OverrideParseException))
+    with initialize_config_dir(str(recipes_dir()), version_base="1.3"), refused as composing:
+        compose("train", overrides=[override])
+    said = composition_message(composing.value)
+    assert said.startswith(message) and "\n" not in said, said
 
 
 # --------------------------------------------------------------------------- --help
@@ -270,3 +309,76 @@ def test_help_lists_every_group_and_option(tmp_path):
     # and the composed default config follows
     assert "_target_: trainer.models.CNN" in text
     assert not (tmp_path / "outputs").exists()
+
+
+# --------------------------------------------------------------------------- one run folder, one run
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from trainer.run_folder import hold
+
+with hold(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _one_line(returncode: int, stderr: str, code: int) -> str:
+    assert returncode == code, stderr[-4000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_a_finished_runs_folder_is_held_and_kept(tiny_run, tmp_path):
+    """A live job holds its folder: a second job is refused, naming the holder; the lock of a
+    killed holder is taken over. Neither a resume of the finished run nor one that fails (here
+    a damaged checkpoint under `parallel.nproc_per_node=2`, whose error is one line from the
+    launching process, exit code 3) changes what the run wrote."""
+    held, damaged = tmp_path / "held", tmp_path / "damaged"
+    for copy in (held, damaged):
+        shutil.copytree(tiny_run.out, copy)
+    kept = ("config.yaml", "summary.json", ".hydra/overrides.yaml", ".hydra/config.yaml")
+    written = {name: (held / name).read_bytes() for name in kept}
+    metrics = (held / "metrics.jsonl").read_bytes()
+    damaged_file = damaged / "checkpoints" / "step_00000004" / "trainer_state.pt"
+    with open(damaged_file, "ab") as file:
+        file.write(b"\0")  # its checksum no longer matches the manifest's
+    # The launched job runs on its own copy meanwhile: three processes, the slowest part.
+    launched = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *TINY_RUN, "parallel=ddp", "parallel.nproc_per_node=2",
+         f"resume={damaged_file.parent}", f"hydra.run.dir={damaged}"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(held)], env=cli_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused = run_cli([*TINY_RUN, "resume=auto", f"hydra.run.dir={held}"], cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    line = _one_line(refused.returncode, refused.stderr, 2)
+    assert line.startswith(f"hooktrain: config error: hydra.run.dir: {held} is in use by another")
+    assert f"(host {socket.gethostname()} pid {holder.pid})" in line
+
+    # The holder died without releasing its lock: the next job takes it over. No step is left
+    # to train, so the finished run's files stay as they were.
+    resumed = run_cli([*TINY_RUN, "resume=auto", f"hydra.run.dir={held}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    taken = f"taking over the lock of host {socket.gethostname()} pid {holder.pid}"
+    assert taken in (held / "hooktrain_rank0.log").read_text()  # and on the console
+    assert "had already trained to step 5; nothing to do" in resumed.stderr
+    assert {name: (held / name).read_bytes() for name in written} == written
+    assert (held / "metrics.jsonl").read_bytes().startswith(metrics)  # appended to at most
+    assert (held / "hooktrain.lock").read_text() == ""  # released
+
+    line = _one_line(launched.wait(timeout=240), launched.stderr.read(), 3)
+    assert line == (
+        f"hooktrain: checkpoint error: {damaged_file}: checksum mismatch (truncated or corrupted)"
+    )
+    assert {name: (damaged / name).read_bytes() for name in written} == written
+    assert damaged_file.exists()  # left for inspection

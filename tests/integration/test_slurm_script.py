@@ -70,7 +70,11 @@ def test_usr1_requeues_the_job_and_lets_the_job_step_save(tmp_path):
     assert script.returncode == 0, output
     calls = log.read_text().splitlines()
     (launch,) = [c for c in calls if c.startswith("srun --")]
-    assert "torchrun" in launch and "--max-restarts=3" in launch and "resume=auto" in launch
+    assert (
+        "-m torch.distributed.run" in launch
+        and "--max-restarts=3" in launch
+        and "resume=auto" in launch
+    )
     assert "--rdzv_endpoint=node1:29500" in launch and launch.endswith("parallel=ddp")
     assert "scontrol requeue 4242" in calls
     # The script waited for the job step's save instead of exiting at the signal.

@@ -9,7 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.loop import flat_cross_entropy
 from trainer.models import CNN, MLP, GRUClassifier, TinyGPT, TransformerClassifier
-from trainer.throughput import peak_flops, throughput_summary, train_flops_per_sample
+from trainer.throughput import human_flops, peak_flops, throughput_summary, train_flops_per_sample
+
+CPU = torch.device("cpu")
 
 
 def test_flops_of_an_mlp_match_the_matmul_count():
@@ -52,17 +54,33 @@ def test_flops_counted_on_the_meta_device_equal_a_count_on_real_weights(
     assert all(p.grad is None and p.device.type == "cpu" for p in model.parameters())
 
 
-def test_summary_per_rank_and_tokens_and_no_mfu_on_cpu():
-    facts = {"flops_per_sample": 1000, "tokens_per_sample": 64}
-    out = throughput_summary(400.0, 4, facts, torch.device("cpu"))
+def test_summary_names_what_it_measures_and_tokens_only_for_sequences():
+    # A language model: 64 tokens a sample, so tokens/s is samples/s x 64.
+    out = throughput_summary(400.0, 4, {"flops_per_sample": 1000, "tokens_per_sample": 64}, CPU)
     assert out == {
-        "samples_per_second": 400.0,
-        "samples_per_second_per_rank": 100.0,
-        "tokens_per_second": 25600.0,
-        "tokens_per_second_per_rank": 6400.0,
-        "flops_per_sample": 1000,
+        "train_step_samples_per_second": 400.0,
+        "train_step_samples_per_second_per_rank": 400.0 / 4,
+        "train_step_tokens_per_second": 400.0 * 64,
+        "train_step_tokens_per_second_per_rank": 400.0 * 64 / 4,
+        "train_flops_per_sample": 1000,
     }
-    assert peak_flops(torch.device("cpu")) is None
+    assert peak_flops(CPU) is None  # no MFU on CPU
+    # A classifier (one target a sample): tokens would only repeat samples.
+    classifier = throughput_summary(
+        400.0, 4, {"flops_per_sample": 1000, "tokens_per_sample": 1}, CPU
+    )
+    assert not any("tokens" in key for key in classifier)
+    # No timed step (a resume with one step left): no rate at all rather than a rate of 0.
+    untimed = throughput_summary(0.0, 1, {"flops_per_sample": 1000, "tokens_per_sample": 64}, CPU)
+    assert untimed == {"train_flops_per_sample": 1000}
+
+
+@pytest.mark.parametrize(
+    ("flops", "shown"),
+    [(999, "999 FLOP"), (2_047_488, "2.05 MFLOP"), (1.234e9, "1.23 GFLOP"), (5e18, "5e+03 PFLOP")],
+)
+def test_flops_in_human_units(flops, shown):
+    assert human_flops(flops) == shown
 
 
 def test_mfu_is_achieved_flops_over_the_peak_of_all_ranks(monkeypatch):

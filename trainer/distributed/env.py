@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainer.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -54,7 +56,7 @@ def dtype_of(name: str) -> torch.dtype:
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but CUDA is not available")
+        raise ConfigError("device: cuda was asked for but CUDA is not available (use auto or cpu)")
     if requested in ("cuda", "auto") and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -70,12 +72,54 @@ def init_distributed(device: str, backend: str, timeout_s: int) -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(world_size, timeout)
         dist.init_process_group(
             backend=backend,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
+            **({"store": store, "rank": rank, "world_size": world_size} if store else {}),
         )
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+# torchrun (torch >= 2.5) hands its workers the agent's own rendezvous TCPStore
+# (TORCHELASTIC_USE_AGENT_STORE), which outlives the workers, and torch connects to it without a
+# per-attempt prefix: a restarted group can read the dead group's addresses before the new
+# ones are written, and gloo then fails with "connectFullMesh failed ... Connection refused"
+# (pytorch/pytorch#135712). On one node TORCHELASTIC_RESTART_COUNT is the same for every worker
+# of an attempt, so it makes the prefix. On several nodes it is not (an agent whose workers
+# were healthy restarts them without counting), so restarts there need the store switched off.
+def _shares_agent_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _refuse_restarts_across_nodes() -> None:
+    """What no prefix makes safe: torchrun restarts on several nodes with the shared store on."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if restarts and nodes > 1 and _shares_agent_store():
+        raise ConfigError(
+            f"torchrun --max-restarts={restarts} on {nodes} nodes: set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (launch/multinode.sh does), or a "
+            "restarted group can read the previous attempt's addresses and fail to connect"
+        )
+
+
+def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """This attempt's keys in torchrun's shared store, or None: init_process_group's own."""
+    if not _shares_agent_store():
+        return None
+    _refuse_restarts_across_nodes()
+    shared = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"hooktrain/attempt_{attempt}", shared)
 
 
 def teardown() -> None:
