@@ -95,9 +95,9 @@ def main() -> None:
             [
                 name,
                 summary["world_size"],
-                f"{summary['samples_per_second']:,.0f}",
-                f"{summary['tokens_per_second']:,.0f}",
-                f"{summary['tokens_per_second_per_rank']:,.0f}",
+                f"{summary['train_step_samples_per_second']:,.0f}",
+                f"{summary['train_step_tokens_per_second']:,.0f}",
+                f"{summary['train_step_tokens_per_second_per_rank']:,.0f}",
                 f"{100 * mfu:.1f}%" if mfu else "-",
                 f"{summary['train/loss']:.3f}",
             ]

@@ -38,6 +38,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 import trainer
 from trainer import run_folder
 from trainer.checkpoint import CheckpointError
+from trainer.checkpoint_reader import refuse_run_folder
 from trainer.config import ConfigError, TrainConfig, register_schema, validate
 from trainer.distributed.env import any_rank, distributed
 from trainer.distributed.launch import launch
@@ -67,6 +68,8 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
     """Train, test and summarise one job in this process (one rank of it under torchrun).
     Returns the summary, also written to summary.json."""
     typed = validate(cfg)  # before any process group starts
+    if typed.resume not in (None, "auto"):
+        refuse_run_folder(Path(typed.resume))  # a run folder named instead of a checkpoint
     with distributed(typed.device, typed.parallel.backend, typed.parallel.timeout_s) as env:
         from trainer.build import build_trainer  # heavy imports after validation: errors come fast
 
@@ -119,7 +122,7 @@ def _summarise(
         **{
             k: v
             for k, v in metrics.items()
-            if k.startswith(("train/", "val/", "test/", "pruning/"))
+            if k.startswith(("train/", "val/", "test/", "pruning/", "compression/"))
             and k != "train/samples_per_second"
         },
         **throughput_summary(fit_trainer.samples_per_second(), env.world_size, facts, env.device),
@@ -239,6 +242,9 @@ def main() -> None:
     try:
         _hydra_entry()
         return
+    except KeyboardInterrupt:  # Ctrl-C outside fit, or a second one inside it (the first saves)
+        print("hooktrain: interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:  # noqa: BLE001 - reported below, as Hydra would
         error = err
     finally:

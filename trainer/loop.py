@@ -122,7 +122,8 @@ class Trainer:
         state = self.state
         try:
             with stop_on_signals(self._note_signal), _scheduled_gc(self.cfg.gc_every_steps):
-                self._maybe_resume()
+                if self._maybe_resume() and state.step >= state.max_steps:
+                    return state  # a finished run resumed: nothing to train, hook or log
                 self._window = _Window()  # throughput is timed from here
                 self._call("on_fit_start")
                 while state.step < state.max_steps and not state.should_stop:
@@ -140,12 +141,13 @@ class Trainer:
             raise
         return state
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self) -> bool:
         """Load the checkpoint that `resume` names, say so, and resolve the budget again: on
         another world size the epochs left are worth other step counts. An earlier attempt's
-        rows beyond the step the fit goes on from are dropped from the logs (`Logger.rewind`)."""
+        rows beyond the step the fit goes on from are dropped from the logs (`Logger.rewind`).
+        Returns whether a checkpoint was loaded."""
         if self.checkpointer is None:
-            return
+            return False
         state = self.state
         folder = self.checkpointer.maybe_resume(self)
         state.max_steps = self._budget()
@@ -153,6 +155,7 @@ class Trainer:
             log.info(f"resumed from {folder} (step {state.step}, epoch {state.epoch})")
         if self.cfg.resume:
             self.logger.rewind(state.step)
+        return folder is not None
 
     def _budget(self) -> int:
         """The step at which the fit ends: `max_steps`, or else the end of epoch `max_epochs`

@@ -150,13 +150,9 @@ def torchrun(
     cwd: Path, args: list[str], *, max_restarts: int = 0, timeout: float = 300
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     """The real `torchrun --standalone --nproc_per_node=2 -m trainer *args`: (proc, seconds)."""
+    # Plain torchrun, restarts included: on one node hooktrain keeps each attempt's keys apart
+    # in the agent's shared rendezvous store (trainer/distributed/env.py).
     env = cli_env()
-    if max_restarts:
-        # torch 2.13's c10d rendezvous reuses the agent's TCPStore across restarts without a
-        # per-attempt prefix, so restarted workers read the dead workers' addresses and hang in
-        # init_process_group (pytorch/pytorch#135712). Its own switch avoids that; see
-        # test_restart_launchers_disable_the_shared_store for the launch scripts.
-        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         f"--max-restarts={max_restarts}", "-m", "trainer", *args,
@@ -234,9 +230,10 @@ def test_sigkill_one_rank_torchrun_restarts_and_resumes_exactly(tmp_path, record
 
 
 def test_restart_launchers_disable_the_shared_store():
-    """The launch scripts that restart workers (--max-restarts) must switch torch's shared
-    rendezvous TCPStore off, or a restarted group hangs in init_process_group: the fault above
-    shows the restart working with the switch; without it the same run never finishes."""
+    """The multi-node launch scripts that restart workers (--max-restarts) switch torch's shared
+    rendezvous TCPStore off: on several nodes the attempts cannot be told apart in it (torch's
+    agent restarts healthy workers without counting), and hooktrain refuses such restarts
+    without the switch."""
     setting = re.compile(
         r"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=(1\b|\$\{TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1\})"
     )

@@ -38,7 +38,7 @@ def test_mixed_precision_trains(precision, tmp_path):
 
 def test_compile_and_mfu_for_the_tiny_gpt(tmp_path):
     summary = run_cli(["experiment=text_gpt", "max_steps=40", "precision=bf16", "compile=true", "logger=none"], tmp_path)  # fmt: skip
-    assert summary["tokens_per_second"] > 0
+    assert summary["train_step_tokens_per_second"] > 0
     assert 0 < summary.get("mfu", 0) < 1, "MFU needs the GPU's peak in trainer/throughput.py"
 
 

@@ -665,3 +665,25 @@ def test_a_dropped_trainer_is_freed_at_once_with_its_loader_workers(tmp_path):
     for worker in workers:
         worker.join(timeout=2)
     assert not any(w.is_alive() for w in workers)
+
+
+def test_resuming_a_finished_run_trains_hooks_and_logs_nothing(tmp_path):
+    class Hooks(Callback):
+        def __init__(self) -> None:
+            self.called: list[str] = []
+
+    def recorder() -> Hooks:
+        hooks = Hooks()
+        for name in HOOKS:
+            setattr(hooks, name, lambda state, name=name: hooks.called.append(name))
+        return hooks
+
+    finished = make_trainer(tmp_path, max_epochs=1, checkpoint={"save_final": True})
+    finished.fit()
+    again, hooks = make_trainer(tmp_path, max_epochs=1, resume="auto"), recorder()
+    again.callbacks.append(hooks)
+    logged: list[int] = []
+    again.logger.log_metrics = lambda metrics, step: logged.append(step)
+    state = again.fit()
+    assert (state.step, hooks.called, logged) == (finished.state.step, [], [])
+    assert again.first_step_done is None

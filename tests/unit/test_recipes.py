@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli import recipes_dir  # importing it registers `train_schema` and `${run_id:}`
+from trainer.cli import recipes_dir  # importing it registers `train_schema` and `${run_folder:}`
 from trainer.config import ConfigError, TrainConfig, validate
 from trainer.distributed.parallelize import tensor_parallel_plan
 from trainer.targets import build
