@@ -42,3 +42,12 @@ class SignalTwice(Callback):
         if state.step + 1 == self.step:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def interrupted_while_building(**synthetic_args):
+    """A dataset builder that sends this process SIGINT (Ctrl-C) while the trainer is being
+    built, outside fit, then builds `trainer.data.datasets.synthetic(**synthetic_args)`."""
+    from trainer.data.datasets import synthetic
+
+    os.kill(os.getpid(), signal.SIGINT)
+    return synthetic(**synthetic_args)

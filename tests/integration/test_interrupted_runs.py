@@ -127,3 +127,20 @@ def test_without_a_terminal_progress_is_printed_as_plain_lines_while_training(at
     assert epoch_end.startswith("epoch 0  step 25/30  loss ") and "val/loss " in epoch_end
     assert all("eta " in line and "samples/s" in line for line in lines)
     assert "━" not in stderr  # no bar drawn
+
+
+def test_ctrl_c_outside_fit_is_one_line_and_exit_130(tmp_path):
+    proc = run_cli(
+        [
+            "data.dataset._target_=tests.resume_faults.interrupted_while_building",
+            "allowed_targets=[trainer.,torch.optim.,torch.nn.,tests.]",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1:]) == (
+        130,
+        ["hooktrain: interrupted"],
+    ), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
