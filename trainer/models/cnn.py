@@ -2,9 +2,9 @@
 
 conv-ReLU-pool per entry of ``channels``, then fc-ReLU-dropout-fc. Picks ``Conv2d``/``MaxPool2d``
 for ``(C, H, W)`` samples and ``Conv1d``/``MaxPool1d`` for ``(C, L)``; ``(L,)`` is read as
-``(1, L)``. ``batch_norm=True`` puts a ``BatchNorm2d``/``BatchNorm1d`` between each conv and its
-ReLU (Ioffe & Szegedy 2015). Kernel 3 with padding 1 keeps the size through each conv, so only the 2x pools
-shrink it and an 8x8 digit survives two of them (8 -> 4 -> 2).
+``(1, L)``. Kernel 3 with padding 1 keeps the size through each conv, so only the 2x pools
+shrink it and an 8x8 digit survives two of them (8 -> 4 -> 2). ``batch_norm=True`` puts a
+``BatchNorm2d``/``BatchNorm1d`` between each conv and its ReLU (Ioffe & Szegedy 2015).
 """
 
 from __future__ import annotations

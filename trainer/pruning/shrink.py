@@ -129,14 +129,14 @@ def export(model: nn.Module, path: str | os.PathLike, write: bool = True) -> Pat
 # ----------------------------------------------------------------------------------- shrinking
 
 
-def _chain(module: nn.Module, prefix: str = "") -> Iterator[tuple[nn.Module, str, nn.Module]]:
-    """(parent, qualified name, leaf) in the order the reference models run them: children in
-    order, Sequentials expanded."""
+def _chain(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, leaf) in the order the reference models run them: children in order,
+    Sequentials expanded."""
     for name, child in module.named_children():
         if isinstance(child, nn.Sequential):
             yield from _chain(child, f"{prefix}{name}.")
         elif len(list(child.children())) == 0:
-            yield module, prefix + name, child
+            yield prefix + name, child
         else:
             raise ValueError(
                 f"shrink: cannot follow {type(child).__name__} {name!r}; shrink supports chains "
@@ -197,15 +197,15 @@ def shrink(model: nn.Module) -> nn.Module:
     computes the same function with fewer parameters.
     """
     model = copy.deepcopy(model)
-    norms = batchnorm_pairs(model)  # layer name -> the BatchNorm that reads its output
     chain = list(_chain(model))
-    weighted = [i for i, (_, _, m) in enumerate(chain) if isinstance(m, PRUNABLE)]
+    weighted = [i for i, (_, m) in enumerate(chain) if isinstance(m, PRUNABLE)]
     if not weighted:
         return model
+    norms = batchnorm_pairs(model)  # layer name -> the BatchNorm that reads its output
     keep: torch.Tensor | None = None  # kept channels of the current activation (None: all)
     channels = 0  # channel count of the current activation before shrinking
     flattened = False  # the current activation was flattened from (channels, *spatial)
-    for i, (parent, name, layer) in enumerate(chain):
+    for i, (name, layer) in enumerate(chain):
         if isinstance(layer, PRUNABLE):
             weight = layer.weight.detach()
             bias = None if layer.bias is None else layer.bias.detach()
@@ -231,9 +231,8 @@ def shrink(model: nn.Module) -> nn.Module:
                 rows = (~dead).nonzero().flatten()
                 if rows.numel() == 0:  # a fully dead layer: keep one (dead) unit for valid shapes
                     rows = torch.zeros(1, dtype=torch.long, device=weight.device)
-            setattr(
-                parent,
-                name.rpartition(".")[2],
+            model.set_submodule(
+                name,
                 _smaller(layer, weight.index_select(0, rows), None if bias is None else bias[rows]),
             )
             if norm is not None:
