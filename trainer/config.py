@@ -68,6 +68,9 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (less memory)
     cpu_offload: bool = False  # FSDP2: keep sharded params and optimizer state on the CPU
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # ddp: BatchNorm layers become SyncBatchNorm, so that their statistics are those of the global
+    # batch rather than of each rank's share. torch computes them on GPUs only (CUDA here).
+    sync_batchnorm: bool = False
     # > 1: `hooktrain` starts this many local processes itself through torchrun's engine (for
     # sweeps and quick runs); under torchrun, leave it at 1.
     nproc_per_node: int = 1
@@ -95,6 +98,12 @@ class ParallelConfig:
             f"must be one of auto, nccl, gloo; got {self.backend!r}",
         )
         require(self.timeout_s > 0, "parallel.timeout_s", f"must be > 0, got {self.timeout_s}")
+        require(
+            not self.sync_batchnorm or self.strategy == "ddp",
+            "parallel.sync_batchnorm",
+            f"applies to ddp only (SyncBatchNorm under FSDP2 or tensor parallelism is not "
+            f"supported here); strategy is {self.strategy}",
+        )
         require(
             not self.cpu_offload or self.strategy in ("fsdp", "fsdp_tp"),
             "parallel.cpu_offload",

@@ -117,6 +117,81 @@ def test_cnn_flattened_size_from_input_shape(shape, flat):
     assert first_fc.in_features == flat
 
 
+# ----------------------------------------------------------------------------- batch norm
+
+
+def _lenet_as_written_before(shape: tuple[int, ...]) -> nn.Module:
+    """The CNN without batch norm, written out with torch modules (channels 4, 8, hidden 16)."""
+    conv, pool = (nn.Conv2d, nn.MaxPool2d) if len(shape) == 3 else (nn.Conv1d, nn.MaxPool1d)
+    model = nn.Module()
+    model.features = nn.Sequential(
+        conv(shape[0], 4, 3, padding=1), nn.ReLU(), pool(2),
+        conv(4, 8, 3, padding=1), nn.ReLU(), pool(2),
+    )  # fmt: skip
+    flat = 8 * math.prod(s // 4 for s in shape[1:])
+    model.classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(flat, 16), nn.ReLU(), nn.Dropout(0.0), nn.Linear(16, 7)
+    )
+    return model
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 40)], ids=str)
+def test_default_models_are_the_models_without_batch_norm(shape):
+    """batch_norm defaults to off and leaves the models as they were: the same parameter names,
+    drawn in the same order from the seed, so the same outputs."""
+    torch.manual_seed(0)
+    reference = _lenet_as_written_before(shape)
+    torch.manual_seed(0)
+    cnn = CNN(input_shape=shape, num_classes=7, channels=(4, 8), hidden=16)
+    torch.manual_seed(0)
+    mlp_reference = nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(shape), 32), nn.ReLU(), nn.Dropout(0.0), nn.Linear(32, 7)
+    )
+    torch.manual_seed(0)
+    mlp = MLP(input_shape=shape, num_classes=7, hidden=(32,))
+    x = torch.randn(5, *shape)
+    for model, ref in ((cnn, reference), (mlp.net, mlp_reference)):
+        want = ref.state_dict()
+        assert list(model.state_dict()) == list(want)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, want[name]), name
+    assert torch.equal(cnn(x), reference.classifier(reference.features(x)))
+    assert torch.equal(mlp(x), mlp_reference(x))
+
+
+@pytest.mark.parametrize(
+    ("shape", "norm"),
+    [((1, 8, 8), nn.BatchNorm2d), ((1, 40), nn.BatchNorm1d), ((64,), nn.BatchNorm1d)],
+    ids=["digits", "mnist1d", "vector"],
+)
+def test_cnn_batch_norm_after_each_conv_before_its_relu(shape, norm):
+    model = CNN(input_shape=shape, num_classes=7, channels=(4, 8), hidden=16, batch_norm=True)
+    kinds = [type(m) for m in model.features]
+    conv = nn.Conv2d if len(shape) == 3 else nn.Conv1d
+    pool = nn.MaxPool2d if len(shape) == 3 else nn.MaxPool1d
+    assert kinds == [conv, norm, nn.ReLU, pool] * 2
+    assert [m.num_features for m in model.features if isinstance(m, norm)] == [4, 8]
+    assert all(m.bias is None for m in model.features if isinstance(m, conv))  # BN's beta
+    assert not any(isinstance(m, norm) for m in model.classifier)  # the head tp shards
+    logits = model(torch.randn(5, *shape))
+    assert logits.shape == (5, 7) and logits._base is None
+    _loss(logits, torch.randint(0, 7, (5,))).backward()
+    _assert_all_grads_finite_and_used(model)
+
+
+def test_mlp_batch_norm_after_each_hidden_linear_before_its_relu():
+    model = MLP(input_shape=(8, 8), num_classes=7, hidden=(16, 12), batch_norm=True)
+    kinds = [type(m) for m in model.net]
+    hidden = [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout]
+    assert kinds == [nn.Flatten, *hidden, *hidden, nn.Linear]
+    assert [m.num_features for m in model.net if isinstance(m, nn.BatchNorm1d)] == [16, 12]
+    assert [m.bias is None for m in model.net if isinstance(m, nn.Linear)] == [True, True, False]
+    logits = model(torch.randn(5, 8, 8))
+    assert logits.shape == (5, 7)
+    _loss(logits, torch.randint(0, 7, (5,))).backward()
+    _assert_all_grads_finite_and_used(model)
+
+
 def test_cnn_rejects_input_too_small_for_pooling():
     with pytest.raises(ValueError):
         CNN(input_shape=(1, 3, 3), num_classes=10)

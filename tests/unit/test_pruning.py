@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch.nn.utils import prune
 from trainer.build import build_trainer
 from trainer.callbacks.base import Callback
 from trainer.callbacks.pruning import MODEL_FILE, REPORT_FILE, SHRUNK_FILE, Pruning
+from trainer.compress.batchnorm import batchnorm_pairs
 from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
 from trainer.distributed.env import DistEnv
 from trainer.models import CNN, MLP
@@ -308,7 +310,7 @@ def test_masks_are_held_through_finetuning(tmp_path, method):
     assert cb.report["accuracy"]["after"]["step"] == 3 * spe
     if method == "structured":  # the biases of pruned rows are held at zero too
         params = dict(trainer.model.named_parameters())
-        for weight, bias in cb._biases.items():
+        for weight, (bias,) in cb._rows.items():
             dead = ~cb.masks[weight].any(1)
             assert dead.sum() == round(0.6 * len(dead))
             assert torch.count_nonzero(params[bias][dead]) == 0
@@ -429,13 +431,17 @@ def test_resumed_run_continues_identically(tmp_path):
 
 
 def _structurally_pruned(model: nn.Module, sparsity: float) -> nn.Module:
+    """The masks the callback applies: rows of the weights, and their biases and BatchNorm
+    entries (`row_parameters`)."""
     layers = M.prunable_layers(model, structured=True)
     masks = M.structured_masks({n: m.weight for n, m in layers}, sparsity)
     rows = M.row_masks(masks)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, module in layers:
             module.weight.mul_(masks[name])
-            module.bias.mul_(rows[name])
+            for follower in M.row_parameters(model, layers)[f"{name}.weight"]:
+                params[follower].mul_(rows[name])
     return model
 
 
@@ -458,6 +464,115 @@ def test_shrink_gives_identical_outputs_with_fewer_params(make, shape):
     for name, layer in M.prunable_layers(model, structured=True):
         kept = int(layer.weight.flatten(1).any(1).sum())
         assert dict(small.named_modules())[name].weight.shape[0] == kept
+
+
+# The reference models with BatchNorm: class, arguments, input shape (10 classes).
+BATCHNORM_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[int, ...]]] = {
+    "mlp": (MLP, {"hidden": (64, 48)}, (40,)),
+    "cnn1d": (CNN, {"channels": (8, 16), "hidden": 32}, (1, 40)),
+    "cnn2d": (CNN, {"channels": (8, 16), "hidden": 0}, (1, 8, 8)),
+}
+
+
+def _batchnorm_model(kind: str, widths: Sequence[int] | None = None) -> nn.Module:
+    """The `kind` model with BatchNorm; `widths`: its pruned layers' widths instead."""
+    cls, kwargs, shape = BATCHNORM_MODELS[kind]
+    if widths is not None:  # the pruned layers: the MLP's hidden Linears; the CNN's convs, fc
+        if cls is MLP:
+            kwargs = {"hidden": tuple(widths)}
+        else:
+            kwargs = {"channels": tuple(widths[:2]), "hidden": widths[2] if kwargs["hidden"] else 0}
+    return cls(input_shape=shape, num_classes=10, batch_norm=True, **kwargs)
+
+
+def _kept_widths(model: nn.Module) -> list[int]:
+    return [
+        int(layer.weight.flatten(1).any(1).sum())
+        for _, layer in M.prunable_layers(model, structured=True)
+    ]
+
+
+@pytest.mark.parametrize("kind", BATCHNORM_MODELS)
+def test_shrink_removes_batchnorm_entries_with_their_channels(kind):
+    shape = BATCHNORM_MODELS[kind][2]
+    torch.manual_seed(0)
+    model = _batchnorm_model(kind)
+    with torch.no_grad():  # BatchNorms far from their init: statistics of a few batches
+        for norm in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.normal_()
+        for _ in range(3):
+            model(3 * torch.randn(32, *shape) + 1)
+    model = _structurally_pruned(model.eval(), 0.5)
+    small = shrink(model).eval()
+    x = torch.randn(64, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-6)
+    # The shrunk model is the reference model of the kept widths, its BatchNorms included:
+    # the same names and shapes (a strict load), so the same parameter count.
+    twin = _batchnorm_model(kind, _kept_widths(model))
+    twin.load_state_dict(small.state_dict())
+    assert parameter_count(twin) == parameter_count(small) < 0.5 * parameter_count(model)
+
+
+class BatchNormOutputs(Callback):
+    """Hooks every BatchNorm of the model: `outputs[name]` is its latest output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.register_forward_hook(self._keep(name))
+
+    def _keep(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = output.detach()
+
+        return hook
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn1d"])
+def test_structured_pruning_with_batchnorm_zeroes_channels_and_shrinks(tmp_path, kind):
+    """A pruned channel is exactly zero after its BatchNorm (whose weight and bias are masked
+    with it), in training and in eval; the shrunk model drops the BatchNorm entries too and
+    computes the masked model's outputs."""
+    cls, kwargs, input_shape = BATCHNORM_MODELS[kind]
+    model = {"_target_": f"trainer.models.{cls.__name__}", **kwargs, "batch_norm": True}
+    pruning = {"method": "structured", "scope": "layer", "sparsity": 0.5, "finetune_epochs": 1}
+    dataset = {"_target_": "trainer.data.datasets.synthetic", "num_samples": 512}
+    data = DataConfig(dataset={**dataset, "input_shape": list(input_shape)}, batch_size=32)
+    cfg = _config(tmp_path, pruning, model=model, data=data, max_epochs=2)
+    trainer, _ = build_trainer(cfg, ENV, tmp_path)
+    (cb,) = trainer.callbacks
+    trainer.fit()
+    net = trainer.model
+    pairs = {f"{layer}.weight": norm for layer, norm in batchnorm_pairs(net).items()}
+    assert len(pairs) == 2  # each hidden Linear or conv; the CNN's hidden fc has none
+    for weight in cb._weights:  # masked with the rows: BatchNorm's entries, else the bias
+        norm = pairs.get(weight)
+        expected = (
+            [f"{norm}.weight", f"{norm}.bias"] if norm else [weight[: -len("weight")] + "bias"]
+        )
+        assert cb._rows[weight] == expected
+
+    probe = BatchNormOutputs(net)
+    x = torch.randn(64, *input_shape)
+    for training in (True, False):
+        with torch.no_grad():
+            net.train(training)(x)
+        for weight, norm in pairs.items():
+            dead = ~cb.masks[weight].flatten(1).any(1)
+            assert dead.sum() == round(0.5 * len(dead))
+            assert torch.count_nonzero(probe.outputs[norm][:, dead]) == 0, (norm, training)
+
+    net.eval()
+    small = shrink(net).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-6)
+    twin = _batchnorm_model(kind, _kept_widths(net))
+    twin.load_state_dict(small.state_dict())
+    assert "shrink_skipped" not in cb.report
+    assert cb.report["shrunk_params"] == parameter_count(twin) == parameter_count(small)
 
 
 def test_shrink_refuses_what_it_cannot_follow():

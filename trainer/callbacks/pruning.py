@@ -57,7 +57,8 @@ class Pruning(Callback):
         sparsity: the final fraction s_f of the selected weights set to zero (structured: of the
             rows / output channels of each pruned layer).
         method: `unstructured` (single weights by |w|, torch's L1Unstructured) or `structured`
-            (whole rows / output channels by Ln norm, torch's LnStructured; their biases too).
+            (whole rows / output channels by Ln norm, torch's LnStructured; their biases and the
+            entries of the BatchNorm that follows them too, so that a pruned channel is zero).
         scope: `global` (one |w| threshold over all pruned layers) or `layer` (each layer to
             `sparsity`). Structured pruning ranks rows within each layer: it needs `layer`.
         norm: n of the Ln norm ranking rows / channels for structured pruning.
@@ -148,7 +149,9 @@ class Pruning(Callback):
         self._params: dict[str, nn.Parameter] = {}
         self._local: dict[str, torch.Tensor] = {}  # masks shaped like each (local) parameter
         self._weights: list[str] = []
-        self._biases: dict[str, str] = {}  # structured: weight name -> bias name
+        # Structured: weight name -> the 1-D parameters masked with its rows (its bias, and the
+        # weight and bias of the BatchNorm after it).
+        self._rows: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------------------ schedule
     def plan(self, max_steps: int, steps_per_epoch: int) -> dict[str, int | None]:
@@ -201,11 +204,7 @@ class Pruning(Callback):
             )
         self._params = dict(model.named_parameters())
         self._weights = [f"{name}.weight" for name, _ in layers]
-        self._biases = {
-            f"{name}.weight": f"{name}.bias"
-            for name, module in layers
-            if structured and getattr(module, "bias", None) is not None
-        }
+        self._rows = M.row_parameters(model, layers) if structured else {}
         self._plan = self.plan(state.max_steps, state.steps_per_epoch)
         if self.masks:  # resumed: the checkpoint's masks hold from here on
             missing = set(self.masks) - set(self._params)
@@ -256,7 +255,7 @@ class Pruning(Callback):
         else:
             new = M.structured_masks(full, target, norm=self.norm, dim=0, previous=previous)
             rows = M.row_masks(new)
-            new.update({bias: rows[weight] for weight, bias in self._biases.items()})
+            new.update({p: rows[weight] for weight, names in self._rows.items() for p in names})
         self.masks = {name: mask.cpu() for name, mask in _broadcast(new).items()}
         self.sparsity = target
         self.pruned_steps.append(state.step)

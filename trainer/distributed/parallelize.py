@@ -8,12 +8,15 @@
               head fc pair; the GRU's head
     fsdp_tp   2-D mesh (dp, tp): tensor parallel inside each tp group, FSDP2 across dp
 
+`parallel.sync_batchnorm` turns BatchNorm layers into SyncBatchNorm before DDP wraps the model.
+
 Everything here is PyTorch's own engine (DeviceMesh, fully_shard, parallelize_module); this file
 only wires it. The optimizer is built after this, from the wrapped model's parameters.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -24,6 +27,7 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
     parallelize_module,
 )
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import ConfigError, ParallelConfig
@@ -51,6 +55,8 @@ def parallelize(
 ) -> nn.Module:
     model = model.to(env.device)
     # Decided from the bare model, in one process too: a debug run refuses what torchrun would.
+    if cfg.sync_batchnorm:
+        check_sync_batchnorm(model, env.device)
     plan = tensor_parallel_plan(model) if cfg.strategy in ("tp", "fsdp_tp") else None
     if plan is not None and mesh is not None:
         parallelize_module(model, mesh["tp"], plan)
@@ -61,6 +67,8 @@ def parallelize(
     if mesh is None:
         return model  # a world of one: the same recipe runs as a plain single-process debug run
     if cfg.strategy == "ddp":
+        if cfg.sync_batchnorm:  # before wrapping: DDP sets its SyncBatchNorm layers up itself
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if cfg.strategy in ("fsdp", "fsdp_tp"):
@@ -80,9 +88,37 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, cfg: ParallelConfig) -> No
     }
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    if cfg.param_dtype != "fp32":
+        # BatchNorm's running statistics stay fp32, and its kernel refuses a bf16 weight beside
+        # them ("expected scalar type BFloat16 but found Float"): each BatchNorm is its own FSDP2
+        # unit computing in fp32 (its input cast up) and handing param_dtype on to the next layer.
+        fp32 = dtype_of("fp32")
+        policy = MixedPrecisionPolicy(
+            param_dtype=fp32, reduce_dtype=fp32, output_dtype=dtype_of(cfg.param_dtype)
+        )
+        for norm in [m for m in model.modules() if isinstance(m, _BatchNorm)]:
+            fully_shard(norm, **{**kwargs, "mp_policy": policy})
     for block in shard_units(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+
+
+def check_sync_batchnorm(model: nn.Module, device: torch.device) -> None:
+    """`parallel.sync_batchnorm` needs BatchNorm layers, and a GPU: torch's SyncBatchNorm
+    computes its statistics on GPUs only (torch 2.13: DDP refuses it on CPU modules, "SyncBatchNorm
+    layers only work with GPU modules", and its forward refuses CPU inputs)."""
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        raise ConfigError(
+            f"parallel.sync_batchnorm: {type(model).__name__} has no BatchNorm layer to "
+            "synchronize (the reference CNN and MLP have them with model.batch_norm=true); set "
+            "it to false"
+        )
+    if device.type == "cpu":
+        raise ConfigError(
+            "parallel.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only, and this run is "
+            "on the CPU; set it to false (each rank then normalizes by its own share of the "
+            "batch)"
+        )
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

@@ -3,7 +3,8 @@
 conv-ReLU-pool per entry of ``channels``, then fc-ReLU-dropout-fc. Picks ``Conv2d``/``MaxPool2d``
 for ``(C, H, W)`` samples and ``Conv1d``/``MaxPool1d`` for ``(C, L)``; ``(L,)`` is read as
 ``(1, L)``. Kernel 3 with padding 1 keeps the size through each conv, so only the 2x pools
-shrink it and an 8x8 digit survives two of them (8 -> 4 -> 2).
+shrink it and an 8x8 digit survives two of them (8 -> 4 -> 2). ``batch_norm=True`` puts a
+``BatchNorm2d``/``BatchNorm1d`` between each conv and its ReLU (Ioffe & Szegedy 2015).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ class CNN(nn.Module):
     """LeNet-shaped CNN for 1-D or 2-D inputs.
 
     ``hidden=0`` drops the hidden fc layer (a single Linear head). Dropout modules are always
-    present (``p=0.0`` by default) so a dropout schedule can change ``p`` at run time.
+    present (``p=0.0`` by default) so a dropout schedule can change ``p`` at run time. With
+    ``batch_norm`` the convs have no bias: the BatchNorm after each subtracts the channel mean,
+    which would cancel it. The head has no BatchNorm, so its tensor-parallel plan is the same.
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class CNN(nn.Module):
         channels: Sequence[int] = (32, 64),
         hidden: int = 128,
         dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -40,9 +44,9 @@ class CNN(nn.Module):
         if len(shape) == 1:
             shape = (1, shape[0])  # a plain vector is a one-channel signal
         if len(shape) == 3:
-            conv, pool = nn.Conv2d, nn.MaxPool2d
+            conv, norm, pool = nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d
         elif len(shape) == 2:
-            conv, pool = nn.Conv1d, nn.MaxPool1d
+            conv, norm, pool = nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d
         else:
             raise ValueError(f"CNN expects input_shape with 1 to 3 dims, got {self.input_shape}")
         self._conv_shape = shape
@@ -50,7 +54,10 @@ class CNN(nn.Module):
         layers: list[nn.Module] = []
         in_ch = shape[0]
         for ch in channels:
-            layers += [conv(in_ch, ch, kernel_size=3, padding=1), nn.ReLU(), pool(2)]
+            layers.append(conv(in_ch, ch, kernel_size=3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(norm(ch))
+            layers += [nn.ReLU(), pool(2)]
             in_ch = ch
         self.features = nn.Sequential(*layers)
 

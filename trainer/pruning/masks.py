@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from trainer.compress.batchnorm import batchnorm_pairs
+
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 METHODS = ("unstructured", "structured")
 SCOPES = ("global", "layer")
@@ -43,6 +45,27 @@ def prunable_layers(
         layers = layers[:-1]
     patterns = [re.compile(p) for p in exclude]
     return [(n, m) for n, m in layers if not any(p.search(n) for p in patterns)]
+
+
+def row_parameters(
+    model: nn.Module, layers: Sequence[tuple[str, nn.Module]]
+) -> dict[str, list[str]]:
+    """Structured pruning: {a layer's weight name: the 1-D parameters whose entry i belongs to
+    its row / output channel i}: the layer's bias, and the weight and bias of the BatchNorm that
+    reads its output (`batchnorm_pairs`). Masked with the row, they make a pruned channel exactly
+    zero after the BatchNorm too, which would otherwise turn its zeros into the constant
+    `beta - gamma * mean / sqrt(var + eps)`."""
+    norms = batchnorm_pairs(model)
+    out = {}
+    for name, layer in layers:
+        names = [f"{name}.bias"] if layer.bias is not None else []
+        if name in norms:  # an affine BatchNorm has both; affine=False has neither
+            norm = model.get_submodule(norms[name])
+            names += [
+                f"{norms[name]}.{p}" for p in ("weight", "bias") if getattr(norm, p) is not None
+            ]
+        out[f"{name}.weight"] = names
+    return out
 
 
 def pruned_count(sparsity: float, total: int) -> int:
