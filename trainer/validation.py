@@ -142,3 +142,9 @@ def _check_devices(cfg: TrainConfig) -> None:
         "parallel.cpu_offload",
         "moves FSDP2's parameters off a GPU; this run is on the CPU already: leave it false",
     )
+    require(
+        not cfg.parallel.sync_batchnorm,
+        "parallel.sync_batchnorm",
+        "torch's SyncBatchNorm runs on GPUs only, and this run is on the CPU; set it to false "
+        "(each rank then normalizes by its own share of the batch)",
+    )
