@@ -182,6 +182,7 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # Every rank of a torchrun job sees the same config: rank 0 alone reports and holds the folder.
     rank_zero = os.environ.get("RANK", "0") == "0"
+    made_for_this_command = rank_zero and run_folder.holds_nothing_yet(run_dir)
     try:
         nproc = int(cfg.parallel.nproc_per_node)
         launching = nproc > 1 and "WORLD_SIZE" not in os.environ
@@ -196,6 +197,8 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
             else:
                 summary = run(cfg, run_dir, _job_started)
     except (ConfigError, CheckpointError) as err:
+        if made_for_this_command:
+            run_folder.discard(run_dir)
         _exit(err, say=rank_zero, record=isinstance(err, CheckpointError))
     finally:
         _job_started = time.time()

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 from collections.abc import Iterator
 from datetime import datetime
@@ -147,6 +148,29 @@ def refuse_other_run(run_dir: Path, resume: str | None) -> None:
         f"hydra.run.dir: {run_dir} already holds a run (see its {CONFIG}); continue it with "
         "resume=auto, or choose another folder"
     )
+
+
+def holds_nothing_yet(run_dir: Path) -> bool:
+    """Whether the folder holds nothing but the job's own log files (Hydra opens them as the
+    job starts): a folder made for this command, which a refused command may take away."""
+    return run_dir.is_dir() and all(_is_job_log(p) for p in run_dir.iterdir())
+
+
+def discard(run_dir: Path) -> None:
+    """Take away what a refused command wrote in a folder that held nothing before it: a
+    config or checkpoint error leaves no run folder behind."""
+    for path in run_dir.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if run_dir.resolve() != Path.cwd().resolve():
+        with contextlib.suppress(OSError):  # another rank's log file, written meanwhile
+            run_dir.rmdir()
+
+
+def _is_job_log(path: Path) -> bool:
+    return path.is_file() and path.name.startswith("hooktrain_rank") and path.suffix == ".log"
 
 
 # ----------------------------------------------------------------------------- the run's record

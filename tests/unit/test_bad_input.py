@@ -239,4 +239,13 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path, args, start):
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[-1]] and lines[0].startswith(f"hooktrain: config error: {start}")
-    assert not (run_dir / "checkpoints").exists()
+    assert not run_dir.exists()  # a refused command leaves no run folder behind
+
+
+def test_a_refused_command_leaves_a_folder_it_found_as_it_was(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    proc = run_cli(["model.dropout=2", "logger=none", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (run_dir / "notes.txt").read_text() == "mine"
