@@ -10,12 +10,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.* (fault injection, helpers) import as a package
 
 # wandb offline and quiet; one intra-op thread so that parallel test processes share 2 cores.
 TEST_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread in this process too: bit-for-bit comparisons with a reference
+    computed in the same test need the same reduction order, and tests share 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

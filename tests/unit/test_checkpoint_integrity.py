@@ -35,14 +35,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN = {"optim": ADAMW, "max_steps": 4, "checkpoint": {"every_steps": 2, "keep_last": 3}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _step(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}"
 

@@ -50,14 +50,6 @@ TRANSFORMER_NODE = {
 STEPS_PER_EPOCH = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class RateProbe(Callback):
     """Records, per optimizer step (or epoch), the rates each dropout site reads in its training
     forwards. It only tracks the step; forward pre-hooks do the reading."""

@@ -28,14 +28,6 @@ from trainer.state import TrainState
 NAN, INF = math.nan, math.inf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_state(rank: int = 0) -> TrainState:
     model = nn.Linear(3, 2)
     return TrainState(

@@ -35,14 +35,6 @@ from trainer.state import TrainState  # noqa: E402
 PLAIN_SGD = {"_target_": "torch.optim.SGD", "lr": 0.1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _optimizer_like(node: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     kwargs = {k: v for k, v in node.items() if k != "_target_"}
     cls = getattr(torch.optim, node["_target_"].rsplit(".", 1)[1])

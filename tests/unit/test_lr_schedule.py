@@ -19,14 +19,6 @@ from trainer.callbacks.lr_schedule import Constant, LRSchedule, WarmupCosine  # 
 from trainer.state import TrainState  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _optimizer(*lrs: float) -> torch.optim.Optimizer:
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in lrs]
     return torch.optim.SGD(groups, lr=lrs[0])

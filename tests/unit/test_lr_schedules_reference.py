@@ -62,14 +62,6 @@ REL = 1e-12
 Rates = list[list[float]]  # rates[t][group]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _optimizer(lrs: tuple[float, ...] = LRS) -> torch.optim.Optimizer:
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in lrs]
     return torch.optim.SGD(groups, lr=lrs[0])

@@ -30,14 +30,6 @@ from trainer.distributed.launch import launch  # noqa: E402
 MAX_STEPS = 12  # 8 steps per epoch (256 samples, batch 32): the run crosses an epoch boundary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(tmp_path: Path, policy: str, nan_steps: list[int], **overrides: Any):
     nan, watch = NaNInput(nan_steps), WeightWatch()
     trainer = make_trainer(

@@ -31,14 +31,6 @@ ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 PRUNING = "trainer.callbacks.pruning.Pruning"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _weights(seed: int = 0, ties: bool = False) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shapes = {"a.weight": (16, 12), "b.weight": (8, 4, 3), "c.weight": (10, 16)}

@@ -30,14 +30,6 @@ needs_torchao = pytest.mark.skipif(
 SHAPE = (1, 40)  # one MNIST-1D sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batches(n: int, size: int = 64, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(size, *SHAPE, generator=gen) for _ in range(n)]

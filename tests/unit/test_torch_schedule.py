@@ -40,14 +40,6 @@ STEPS_PER_EPOCH = 8  # 256 training samples in batches of 32
 ALLOWED = ["trainer.", "torch.optim.", "torch.nn."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sched(name: str, **arguments: Any) -> dict[str, Any]:
     """A scheduler node as a config writes it."""
     return {"_target_": f"torch.optim.lr_scheduler.{name}", "_partial_": True, **arguments}
