@@ -150,9 +150,12 @@ class Trainer:
             return False
         state = self.state
         folder = self.checkpointer.maybe_resume(self)
-        state.max_steps = self._budget()
-        if folder is not None and self.env.is_global_zero:
-            log.info(f"resumed from {folder} (step {state.step}, epoch {state.epoch})")
+        if folder is not None:
+            # Only a loaded checkpoint moves the budget: a fit called again on this trainer (as
+            # the benchmarks do, raising state.max_steps) goes on to the budget it was given.
+            state.max_steps = self._budget()
+            if self.env.is_global_zero:
+                log.info(f"resumed from {folder} (step {state.step}, epoch {state.epoch})")
         if self.cfg.resume:
             self.logger.rewind(state.step)
         return folder is not None

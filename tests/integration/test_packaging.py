@@ -66,7 +66,7 @@ def test_run_folders_land_where_the_documented_mount_is(dockerfile):
     writable by any --user (for what is not mounted)."""
     hydra = OmegaConf.load(REPO / "recipes" / "train.yaml").hydra
     run_dir = OmegaConf.to_container(hydra, resolve=False)["run"]["dir"]
-    assert run_dir.startswith("outputs/")
+    assert run_dir == "${run_folder:outputs}"  # outputs/<date>/<time>-<id>: trainer/run_folder.py
     text = dockerfile.read_text()
     assert re.findall(r"^WORKDIR\s+(\S+)$", text, flags=re.M)[-1] == "/app"
     assert '-v "$PWD/outputs:/app/outputs"' in text and '--user "$(id -u):$(id -g)"' in text
