@@ -62,21 +62,19 @@ build_module.build_data = _cached_build_data
 
 
 def config(model: dict[str, Any], seed: int, epochs: int, **fields: Any) -> TrainConfig:
-    return TrainConfig(
-        data=DataConfig(dataset=dict(DATASET), batch_size=64, eval_batch_size=1000),
-        model=dict(model),
-        optim={"_target_": "torch.optim.AdamW", "lr": 3e-3, "weight_decay": 0.01},
-        schedule={"_target_": "trainer.callbacks.lr_schedule.WarmupCosine", "warmup_steps": 20},
-        callbacks={},
-        logger={},
-        device="cpu",
-        seed=seed,
-        max_epochs=epochs,
-        grad_clip=1.0,
-        val_every_epochs=0,
-        test_after_fit=False,
-        **fields,
-    )
+    """The run of `model`; `fields` set or override TrainConfig fields (loss, checkpoint, ...)."""
+    defaults: dict[str, Any] = {
+        "data": DataConfig(dataset=dict(DATASET), batch_size=64, eval_batch_size=1000),
+        "optim": {"_target_": "torch.optim.AdamW", "lr": 3e-3, "weight_decay": 0.01},
+        "schedule": {"_target_": "trainer.callbacks.lr_schedule.WarmupCosine", "warmup_steps": 20},
+        "callbacks": {},
+        "logger": {},
+        "device": "cpu",
+        "grad_clip": 1.0,
+        "val_every_epochs": 0,
+        "test_after_fit": False,
+    }
+    return TrainConfig(**{**defaults, **fields}, model=dict(model), seed=seed, max_epochs=epochs)
 
 
 def fit_and_test(cfg: TrainConfig, run_dir: Path) -> tuple[float, int]:

@@ -185,6 +185,15 @@ def _damaged_copy(run_dir: Path, to: Path) -> Path:
     return to
 
 
+def _with_model(run_dir: Path, to: Path, **model: Any) -> Path:
+    """A copy of the run folder whose config.yaml has `model` in its model node."""
+    shutil.copytree(run_dir, to)
+    config = OmegaConf.load(to / "config.yaml")
+    config.model = {"_target_": TEACHER_MODEL["_target_"], **model}
+    (to / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    return to
+
+
 @pytest.mark.parametrize(
     ("case", "error", "match"),
     [
@@ -193,6 +202,7 @@ def _damaged_copy(run_dir: Path, to: Path) -> Path:
         ("damaged", CheckpointError, r"\.distcp: checksum mismatch"),
         ("misfit", CheckpointError, r"step_00000016: does not fit the teacher model .*\[24, 8\]"),
         ("no config", ConfigError, r"^loss\.teacher_model: not given, and .*config\.yaml is miss"),
+        ("bad config", ConfigError, r"^loss\.teacher_model\.hiden: unknown key .*read from \S+"),
         ("alpha", ConfigError, r"^loss\.alpha: must be in \[0, 1\], got 1\.5$"),
         ("negative alpha", ConfigError, r"^loss\.alpha: must be in \[0, 1\], got -0\.1$"),
         ("temperature", ConfigError, r"^loss\.temperature: must be > 0, got 0"),
@@ -208,6 +218,7 @@ def test_bad_input_is_one_line_before_training(teacher_run, tmp_path, case, erro
         "misfit": lambda: distill(run_dir, teacher_model={**TEACHER_MODEL, "hidden": [24]}),
         # A step folder with no run folder around it: no config.yaml to read the model from.
         "no config": lambda: distill(shutil.copytree(run_dir / "checkpoints", tmp_path / "ckpt")),
+        "bad config": lambda: distill(_with_model(run_dir, tmp_path / "run", hiden=[32])),
         "alpha": lambda: distill(run_dir, alpha=1.5),
         "negative alpha": lambda: distill(run_dir, alpha=-0.1),
         "temperature": lambda: distill(run_dir, temperature=0),
@@ -217,7 +228,7 @@ def test_bad_input_is_one_line_before_training(teacher_run, tmp_path, case, erro
         build_trainer(make_config(**STUDENT, loss=loss), ENV, tmp_path / "student")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "student" / "checkpoints").exists()
-    if error is ConfigError and case != "no config":  # what the config alone decides
+    if error is ConfigError and "config" not in case:  # what the config alone decides
         with pytest.raises(ConfigError, match=match):
             check_loss(loss, ["trainer.", "torch."])
 

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from trainer.data.datasets import DataSplits
     from trainer.distributed.env import DistEnv
 
-# (checkpoint folder, its manifest, the teacher's model node, the key that node is reported under)
+# (checkpoint folder, its manifest, the teacher's model node, " (read from <its config.yaml>)")
 Located = tuple[Path, dict[str, Any], dict[str, Any], str]
 SHAPES = ("input_shape", "num_classes")  # what the teacher model is given, as the model is
 
@@ -87,6 +87,10 @@ def distillation_loss(
 
 
 class Distillation(Loss):
+    """The distillation loss of a student against the teacher in the run or checkpoint folder
+    `teacher`, whose model node is `teacher_model` (default: its run's config.yaml); see the
+    module docstring."""
+
     def __init__(
         self,
         teacher: str,
@@ -124,22 +128,26 @@ class Distillation(Loss):
         # The teacher's random init (overwritten by the load) draws from a forked RNG, not from
         # the stream the student's training uses: alpha=0 then trains exactly as cross-entropy.
         with torch.random.fork_rng(devices=_cuda_indices(env.device)):
-            folder, manifest, node, key = _on_every_rank(self._locate, env.device)
+            folder, manifest, node, source = _on_every_rank(self._locate, env.device)
             shapes = {"input_shape": splits.input_shape, "num_classes": splits.num_classes}
-            teacher = build(node, key, cfg.allowed_targets, **shapes).to(env.device)
+            try:
+                teacher = build(node, "loss.teacher_model", cfg.allowed_targets, **shapes)
+            except ConfigError as err:
+                raise ConfigError(f"{err}{source}") from None
+        teacher.to(env.device)
+        # Sharded before it is frozen: FSDP2 wraps the units that hold trainable parameters.
         if mesh is not None and cfg.parallel.strategy in ("fsdp", "fsdp_tp"):
-            apply_fsdp(teacher, mesh["dp"], cfg.parallel)  # before freezing: it shards units
-        # that require gradients
+            apply_fsdp(teacher, mesh["dp"], cfg.parallel)
         load_model_weights(teacher, folder, set(manifest["files"]), node["_target_"])
         teacher.requires_grad_(False)
         self.teacher = teacher.eval()
 
     def _locate(self) -> Located:
-        """The teacher's verified checkpoint folder, its manifest, and its model node with the
-        key it is reported under."""
+        """The teacher's verified checkpoint folder, its manifest, and its model node with
+        where that was read from."""
         folder, manifest = teacher_checkpoint(self.path)
         if self.teacher_model is not None:
-            return folder, manifest, self.teacher_model, "loss.teacher_model"
+            return folder, manifest, self.teacher_model, ""
         return folder, manifest, *teacher_model_node(folder)
 
     def __call__(
@@ -176,9 +184,8 @@ def teacher_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
 
 def teacher_model_node(folder: Path) -> tuple[dict[str, Any], str]:
     """The `model` node of the run that wrote the checkpoint `folder` (its run folder's
-    config.yaml, written by `hooktrain`), and the key it is reported under."""
+    config.yaml, written by `hooktrain`), and where it was read from, for error messages."""
     config = folder.parent.parent / "config.yaml"
-    key = f"loss.teacher_model (from {config})"
     if folder.parent.name != "checkpoints" or not config.is_file():
         raise ConfigError(
             f"loss.teacher_model: not given, and {config} is missing (the teacher run's config, "
@@ -194,7 +201,7 @@ def teacher_model_node(folder: Path) -> tuple[dict[str, Any], str]:
             f"loss.teacher_model: not given, and {config} holds no model node ({_cause(err)}); "
             "give the teacher's model node as loss.teacher_model"
         ) from None
-    return node, key
+    return node, f" (the teacher run's model node, read from {config})"
 
 
 def load_model_weights(model: nn.Module, folder: Path, listed: set[str], name: str) -> None:
