@@ -154,8 +154,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(TEACHERS), default=["cnn", "mlp"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--alpha", type=float, default=0.5)  # recipes/loss/distill.yaml
+    parser.add_argument("--temperature", type=float, default=1.0)  # recipes/loss/distill.yaml
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as work:

@@ -7,7 +7,7 @@ softened outputs as well as from the labels. A `loss` node (recipes/loss/distill
       teacher: outputs/teacher  # a run folder (its newest complete checkpoint) or a step_N folder
       teacher_model: null       # null: the `model` node of the teacher run's config.yaml
       alpha: 0.5
-      temperature: 4.0
+      temperature: 1.0
 
     loss = (1 - alpha) * CE(student, targets)
            + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
@@ -96,7 +96,7 @@ class Distillation(Loss):
         teacher: str,
         teacher_model: dict[str, Any] | None = None,
         alpha: float = 0.5,
-        temperature: float = 4.0,
+        temperature: float = 1.0,
     ) -> None:
         _check_arguments(alpha=alpha, temperature=temperature)
         self.path = Path(teacher)
