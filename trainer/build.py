@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.data import DataLoader, default_collate
 
 from trainer.allocator import keep_freed_memory
@@ -20,7 +21,8 @@ from trainer.distributed.env import DistEnv
 from trainer.distributed.parallelize import build_mesh, parallelize
 from trainer.errors import ConfigError
 from trainer.loggers.base import Logger, LoggerGroup
-from trainer.loop import Trainer, flat_cross_entropy
+from trainer.loop import Trainer
+from trainer.losses import Loss, check_loss, flat_cross_entropy
 from trainer.targets import build
 from trainer.throughput import train_flops_per_sample
 from trainer.validation import build_callbacks, check_monitors
@@ -91,6 +93,7 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
     check_callbacks_fit(bare_model, callbacks)
     # validate() assumed a validation split; the data may have none.
     check_monitors(cfg, callbacks, validates=cfg.val_every_epochs > 0 and len(splits.val) > 0)
+    loss = build_loss(cfg, env, mesh, splits)  # after the cheap checks: it may load a teacher
     trainer = Trainer(
         model=model,
         optimizer=optimizer,
@@ -102,8 +105,18 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Traine
         callbacks=[callback for _, callback in callbacks],
         logger=build_loggers(cfg, env, run_dir),
         checkpointer=Checkpointer(run_dir, cfg.checkpoint, cfg.resume),
+        loss=loss,
     )
     return trainer, facts
+
+
+def build_loss(cfg: TrainConfig, env: DistEnv, mesh: DeviceMesh | None, splits: DataSplits) -> Loss:
+    """The loss a step minimizes, set up on every rank with the run's parts (a distillation
+    loss builds, shards and loads its teacher here, before the first step)."""
+    check_loss(cfg.loss, cfg.allowed_targets)
+    loss = build(cfg.loss, "loss", cfg.allowed_targets)
+    loss.setup(cfg, env, mesh, splits)
+    return loss
 
 
 def check_model_fits(

@@ -185,6 +185,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=dict)  # `_target_` node -> nn.Module
     optim: dict[str, Any] = field(default_factory=dict)  # `_target_` node -> optimizer (partial)
+    # `_target_` node -> what a step minimizes (trainer/losses.py); evaluation's loss stays CE
+    loss: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "trainer.losses.CrossEntropy"}
+    )
     schedule: dict[str, Any] | None = None  # `_target_` node -> LRSchedule callback
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)  # name -> `_target_` node (or null)

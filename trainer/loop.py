@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -37,19 +36,13 @@ from trainer.distributed.env import (
 )
 from trainer.distributed.parallelize import unwrap
 from trainer.loggers.base import Logger
+from trainer.losses import CrossEntropy, Loss, flat_cross_entropy
 from trainer.metrics import EPOCH, SKIPPED_STEPS, TRAIN_LOSS, TRAIN_SPEED, eval_metrics
 from trainer.state import TrainState, rate_metrics
 from trainer.stop_signals import stop_on_signals
 
 Batch = Sequence[torch.Tensor]
 log = logging.getLogger("hooktrain")
-
-
-def flat_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
-    """One loss for both tasks: (B, C) vs (B,) for classification, (B, T, V) vs (B, T) for LMs."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction=reduction)
 
 
 class Trainer:
@@ -65,6 +58,7 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         logger: Logger | None = None,
         checkpointer: Any = None,  # trainer.checkpoint.Checkpointer; None saves nothing
+        loss: Loss | None = None,  # what train_step minimizes (trainer/losses.py); default CE
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -76,6 +70,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.logger = logger or Logger()
         self.checkpointer = checkpointer
+        self.loss = loss or CrossEntropy()
 
         self.batches_per_epoch = len(train_loader)
         steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
@@ -268,7 +263,7 @@ class Trainer:
             # micro-batch should. DDP decides in forward, FSDP2 in backward: both sit inside.
             with self._sync_gradients(last):
                 with self._autocast():
-                    loss = flat_cross_entropy(self.model(inputs), targets)
+                    loss = self.loss(self.model(inputs), targets, inputs)
                 if len(batches) > 1:
                     loss = loss * (targets.numel() / count)
                 losses.append(loss.detach())
@@ -323,7 +318,8 @@ class Trainer:
 
     def evaluate(self, loader: DataLoader | None, split: str) -> dict[str, float]:
         """Loss and accuracy over the whole split, summed exactly across ranks; logged, and
-        `on_eval_end` fires."""
+        `on_eval_end` fires. The loss is the plain cross-entropy whatever `loss` training
+        minimizes (a distillation's mix, label smoothing), so that val/loss compares across runs."""
         metrics = self.measure(loader, split)
         if metrics:
             self.state.log(metrics)
