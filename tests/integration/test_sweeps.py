@@ -1,0 +1,41 @@
+"""A real `hooktrain -m` sweep in which one job fails: the others finish, the sweep exits with the
+number of failed jobs, and its root holds the table of every job."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+LRS = ["1e-3", "-1", "3e-3"]  # the second is refused by validation: a config error
+
+
+def test_a_sweep_with_one_failing_job_finishes_the_others_and_writes_the_table(tmp_path):
+    out = tmp_path / "out"
+    args = ["-m", f"optim.lr={','.join(LRS)}", "model=mlp", "max_steps=5", "data=synthetic"]
+    args += ["data.dataset.num_samples=512", "logger=[jsonl]", f"hydra.sweep.dir={out}"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-4000:]  # one job failed
+    assert "optim.lr: must be > 0, got -1" in proc.stderr
+    assert "hooktrain sweep" in proc.stderr  # the printed table
+
+    with (out / "sweep_summary.csv").open() as table:
+        rows = list(csv.DictReader(table))
+    assert [float(row["optim.lr"]) for row in rows] == [float(lr) for lr in LRS]
+    jobs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(jobs) == 2  # the refused job left no folder
+    for row, job in zip([rows[0], rows[2]], jobs, strict=True):
+        summary = json.loads((job / "summary.json").read_text())
+        assert row["status"] == "ok"
+        assert int(row["steps"]) == summary["steps"] == 5
+        for key in ("test/accuracy", "test/loss", "val/loss", "train/loss"):
+            assert float(row[key]) == pytest.approx(summary[key], rel=1e-3)
+    assert rows[1]["status"].startswith("failed:")
+    assert "optim.lr: must be > 0" in rows[1]["status"]
+    assert rows[1]["test/accuracy"] == ""
+    markdown = (out / "sweep_summary.md").read_text()
+    assert markdown.count("| ok |") == 2 and "| failed: " in markdown
