@@ -8,6 +8,8 @@ import json
 
 import pytest
 from conftest import run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +19,7 @@ LRS = ["1e-3", "-1", "3e-3"]  # the second is refused by validation: a config er
 def test_a_sweep_with_one_failing_job_finishes_the_others_and_writes_the_table(tmp_path):
     out = tmp_path / "out"
     args = ["-m", f"optim.lr={','.join(LRS)}", "model=mlp", "max_steps=5", "data=synthetic"]
-    args += ["data.dataset.num_samples=512", "logger=[jsonl]", f"hydra.sweep.dir={out}"]
+    args += ["data.dataset.num_samples=512", "logger=[tensorboard]", f"hydra.sweep.dir={out}"]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-4000:]  # one job failed
     assert "optim.lr: must be > 0, got -1" in proc.stderr
@@ -34,6 +36,22 @@ def test_a_sweep_with_one_failing_job_finishes_the_others_and_writes_the_table(t
         assert int(row["steps"]) == summary["steps"] == 5
         for key in ("test/accuracy", "test/loss", "val/loss", "train/loss"):
             assert float(row[key]) == pytest.approx(summary[key], rel=1e-3)
+        # TensorBoard's HParams tab: the job's overrides beside its final metrics
+        events = EventAccumulator(str(job / "tensorboard"))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            content["_hparams_/session_start_info"]
+        )
+        assert float(start.session_start_info.hparams["optim.lr"].string_value) == float(
+            row["optim.lr"]
+        )
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+        tags = {info.name.tag for info in experiment.experiment.metric_infos}
+        assert {"summary/test/accuracy", "summary/val/loss"} <= tags
+        assert events.Scalars("summary/test/accuracy")[-1].value == pytest.approx(
+            summary["test/accuracy"]
+        )
     assert rows[1]["status"].startswith("failed:")
     assert "optim.lr: must be > 0" in rows[1]["status"]
     assert rows[1]["test/accuracy"] == ""
