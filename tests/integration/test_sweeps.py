@@ -57,3 +57,18 @@ def test_a_sweep_with_one_failing_job_finishes_the_others_and_writes_the_table(t
     assert rows[1]["test/accuracy"] == ""
     markdown = (out / "sweep_summary.md").read_text()
     assert markdown.count("| ok |") == 2 and "| failed: " in markdown
+
+
+def test_an_optuna_sweep_minimizes_val_loss(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    out = tmp_path / "out"
+    args = ["-m", "hydra/sweeper=minimize_val_loss", "hydra.sweeper.n_trials=3"]
+    args += ["optim.lr=interval(1e-4,1e-2)", "model=mlp", "max_steps=5", "data=synthetic"]
+    args += ["data.dataset.num_samples=512", "logger=none", f"hydra.sweep.dir={out}"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with (out / "sweep_summary.csv").open() as table:
+        losses = [float(row["val/loss"]) for row in csv.DictReader(table)]
+    assert len(losses) == 3
+    best = (out / "optimization_results.yaml").read_text()
+    assert f"best_value: {min(losses)}"[:16] in best  # Optuna minimized what the jobs returned
