@@ -36,7 +36,7 @@ from rich.table import Table
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 import trainer
-from trainer import run_folder
+from trainer import run_folder, sweep
 from trainer.checkpoint import CheckpointError
 from trainer.checkpoint_reader import refuse_run_folder
 from trainer.config import ConfigError, TrainConfig, register_schema, validate
@@ -177,6 +177,7 @@ _job_started = STARTED  # each job of a sweep times itself from the end of the p
 
 
 @hydra.main(config_path=str(recipes_dir()), config_name="train", version_base="1.3")
+@sweep.reports_failures  # in a sweep, a failing job is reported and the others go on
 def _hydra_entry(cfg: DictConfig) -> float | None:
     global _job_started
     run_dir = Path(HydraConfig.get().runtime.output_dir)
