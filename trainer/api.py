@@ -36,7 +36,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.cli import composition_message, recipes_dir, run_in_folder
 from trainer.config import ConfigError
 from trainer.data.datasets import DataSplits, as_splits
-from trainer.own_code import replace_overridden_nodes
+from trainer.own_code import overridden_keys, replace_overridden_nodes
 
 __all__ = ["fit", "compose_config", "given", "ConfigError", "CheckpointError"]
 
@@ -58,6 +58,12 @@ def fit(
     `overrides`: the command line's `key=value`s. `run_dir`: the run folder; by default a new
     one under ./outputs, as the command makes."""
     started = time.time()
+    for node, obj in (("model", model), ("data.dataset", data)):
+        for key in overridden_keys(overrides) if obj is not None else ():
+            if key == node or key.startswith(f"{node}."):
+                raise ConfigError(
+                    f"{key}: {node} is handed to fit as an object; its config is not used"
+                )
     cfg = compose_config(config, overrides)
     splits = None
     if data is not None:

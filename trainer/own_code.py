@@ -51,6 +51,11 @@ def replace_overridden_nodes(overrides: Sequence[str]) -> list[str]:
     return result
 
 
+def overridden_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys (or group names) `overrides` set."""
+    return [m["key"] for m in map(_OVERRIDE.fullmatch, overrides) if m]
+
+
 def default_targets() -> list[str]:
     return next(
         f for f in dataclasses.fields(TrainConfig) if f.name == "allowed_targets"
