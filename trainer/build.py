@@ -15,7 +15,7 @@ from trainer.allocator import keep_freed_memory
 from trainer.callbacks.base import Callback
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig
-from trainer.data.datasets import DataSplits
+from trainer.data.datasets import DataSplits, as_splits
 from trainer.data.loaders import eval_loader, train_loader
 from trainer.distributed.env import DistEnv
 from trainer.distributed.parallelize import build_mesh, parallelize
@@ -37,7 +37,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def build_data(cfg: TrainConfig) -> DataSplits:
-    return build(cfg.data.dataset, "data.dataset", cfg.allowed_targets)
+    built = build(cfg.data.dataset, "data.dataset", cfg.allowed_targets)
+    return as_splits(built, "data.dataset")
 
 
 def build_model(cfg: TrainConfig, splits: DataSplits) -> torch.nn.Module:
@@ -65,14 +66,21 @@ def build_loggers(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Logger:
     )
 
 
-def build_trainer(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> tuple[Trainer, dict[str, int]]:
+def build_trainer(
+    cfg: TrainConfig,
+    env: DistEnv,
+    run_dir: Path,
+    model: torch.nn.Module | None = None,
+    splits: DataSplits | None = None,
+) -> tuple[Trainer, dict[str, int]]:
     """Returns the trainer and facts about the model for the summary: parameter count, training
-    FLOPs per sample and tokens per sample (1 for classification)."""
+    FLOPs per sample and tokens per sample (1 for classification). A `model` or `splits` given
+    (built by the caller) stands in for the config's."""
     seed_everything(cfg.seed, cfg.deterministic)
     if cfg.keep_freed_memory and env.device.type == "cpu":
         keep_freed_memory()
-    splits = build_data(cfg)
-    model = build_model(cfg, splits).to(env.device)
+    splits = splits or build_data(cfg)
+    model = (model if model is not None else build_model(cfg, splits)).to(env.device)
     inputs, targets = default_collate([splits.train[0], splits.train[1]])
     check_model_fits(model, cfg, inputs[:1].to(env.device), targets[:1].to(env.device))
     facts = {
@@ -133,12 +141,17 @@ def check_model_fits(
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
-            f"model: {cfg.model['_target_']} does not fit the data of "
-            f"{cfg.data.dataset['_target_']}: one sample of shape {tuple(inputs.shape)} "
+            f"model: {_named(cfg.model)} does not fit the data of "
+            f"{_named(cfg.data.dataset)}: one sample of shape {tuple(inputs.shape)} "
             f"({inputs.dtype}) with targets of shape {tuple(targets.shape)} gave: {first_line}"
         ) from None
     finally:
         model.train(was_training)
+
+
+def _named(node: dict) -> str:
+    """What a node builds: its target, or the type of the object handed in (trainer.api)."""
+    return node.get("type") or node["_target_"]
 
 
 def check_callbacks_fit(model: torch.nn.Module, callbacks: list[tuple[str, Callback]]) -> None:

@@ -42,9 +42,13 @@ from trainer.checkpoint_reader import refuse_run_folder
 from trainer.config import ConfigError, TrainConfig, register_schema, validate
 from trainer.distributed.env import any_rank, distributed
 from trainer.distributed.launch import launch
+from trainer.own_code import importable_cwd, replace_overridden_nodes, with_default_targets
 from trainer.throughput import SUMMARY_NOTE, human_flops, throughput_summary
 
 if TYPE_CHECKING:
+    import torch
+
+    from trainer.data.datasets import DataSplits
     from trainer.loop import Trainer
 
 STARTED = trainer.STARTED
@@ -64,9 +68,16 @@ OmegaConf.register_new_resolver(
 register_schema()
 
 
-def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, Any]:
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    started: float = STARTED,
+    model: torch.nn.Module | None = None,
+    splits: DataSplits | None = None,
+) -> dict[str, Any]:
     """Train, test and summarise one job in this process (one rank of it under torchrun).
-    Returns the summary, also written to summary.json."""
+    Returns the summary, also written to summary.json. `model` and `splits`, when given (the
+    Python API), are used instead of building the config's."""
     typed = validate(cfg)  # before any process group starts
     if typed.resume not in (None, "auto"):
         refuse_run_folder(Path(typed.resume))  # a run folder named instead of a checkpoint
@@ -74,7 +85,7 @@ def run(cfg: DictConfig, run_dir: Path, started: float = STARTED) -> dict[str, A
         from trainer.build import build_trainer  # heavy imports after validation: errors come fast
 
         try:
-            fit_trainer, facts = build_trainer(typed, env, run_dir)
+            fit_trainer, facts = build_trainer(typed, env, run_dir, model, splits)
         except ConfigError:
             raise
         except ValueError as err:  # what only building can check: the Trainer's own refusals
@@ -185,18 +196,7 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     rank_zero = os.environ.get("RANK", "0") == "0"
     made_for_this_command = rank_zero and run_folder.holds_nothing_yet(run_dir)
     try:
-        nproc = int(cfg.parallel.nproc_per_node)
-        launching = nproc > 1 and "WORLD_SIZE" not in os.environ
-        validate(cfg, world_size=nproc if launching else None)
-        with run_folder.hold(run_dir) if rank_zero else contextlib.nullcontext():
-            if rank_zero:
-                run_folder.refuse_other_run(run_dir, cfg.resume)
-                run_folder.record_command(run_dir, cfg)
-            if launching:
-                container = OmegaConf.to_container(cfg, resolve=True)
-                summary = _launch(container, nproc, str(run_dir))
-            else:
-                summary = run(cfg, run_dir, _job_started)
+        summary = run_in_folder(cfg, run_dir, _job_started, record_command=True)
     except (ConfigError, CheckpointError) as err:
         if made_for_this_command:
             run_folder.discard(run_dir)
@@ -205,6 +205,38 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
         _job_started = time.time()
     # A sweeper that optimises (e.g. Optuna) reads the returned value.
     return summary.get("val/loss")
+
+
+def run_in_folder(
+    cfg: DictConfig,
+    run_dir: Path,
+    started: float,
+    record_command: bool = False,
+    model: torch.nn.Module | None = None,
+    splits: DataSplits | None = None,
+) -> dict[str, Any]:
+    """Validate `cfg` and run its job in `run_dir`, held by rank 0 for the job's life (here, or
+    in `parallel.nproc_per_node` local processes). `record_command`: write Hydra's record of the
+    command (.hydra/) too."""
+    rank_zero = os.environ.get("RANK", "0") == "0"
+    with_default_targets(cfg)
+    nproc = int(cfg.parallel.nproc_per_node)
+    launching = nproc > 1 and "WORLD_SIZE" not in os.environ
+    validate(cfg, world_size=nproc if launching else None)
+    if launching and (model is not None or splits is not None):
+        raise ConfigError(
+            "parallel.nproc_per_node: a model or data given from Python trains in this process; "
+            "start the script with torchrun instead"
+        )
+    with run_folder.hold(run_dir) if rank_zero else contextlib.nullcontext():
+        if rank_zero:
+            run_folder.refuse_other_run(run_dir, cfg.resume)
+            if record_command:
+                run_folder.record_command(run_dir, cfg)
+        if launching:
+            container = OmegaConf.to_container(cfg, resolve=True)
+            return _launch(container, nproc, str(run_dir))
+        return run(cfg, run_dir, started, model, splits)
 
 
 def _launch(container: dict[str, Any], nproc: int, run_dir: str) -> dict[str, Any]:
@@ -243,6 +275,8 @@ def main() -> None:
     compose ends like every other config error; any other error gets Hydra's short report."""
     asked_full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    importable_cwd()
+    sys.argv[1:] = replace_overridden_nodes(sys.argv[1:])
     try:
         _hydra_entry()
         return

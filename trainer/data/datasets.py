@@ -5,6 +5,7 @@ one as ``_target_: trainer.data.datasets.digits``. Every builder is deterministi
 arguments, needs no network, and leaves torch's, numpy's and Python's global RNG state alone.
 """
 
+import contextlib
 import os
 import random
 import sysconfig
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from trainer.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,65 @@ class DataSplits:
     input_shape: tuple[int, ...]  # shape of one input sample
     num_classes: int  # classes; the vocabulary size for language modelling
     task: str = "classification"  # or "language_modeling"
+
+
+def as_splits(data: object, key: str, count_classes: bool = True) -> DataSplits:
+    """`data` as DataSplits: a builder's DataSplits as it is, or (train[, val[, test]]) map-style
+    datasets of (input, target) items, whose input shape is the first input's and whose class
+    count is one more than the largest training target (0 unless `count_classes`: a model built
+    by the caller needs none, and counting reads every item). An item that is not an (input,
+    target) pair is a ConfigError naming `key`."""
+    if isinstance(data, DataSplits):
+        splits = data
+    else:
+        parts = list(data) if isinstance(data, (tuple, list)) else []
+        if not 1 <= len(parts) <= 3 or not all(p is None or _map_style(p) for p in parts):
+            raise ConfigError(
+                f"{key}: must be DataSplits or (train, val, test) datasets; got {_described(data)}"
+            )
+        train, val, test = (*(p if p is not None else _EMPTY for p in parts), _EMPTY, _EMPTY)[:3]
+        inputs, _ = _pair(train, "train", key)
+        classes = _num_classes(train) if count_classes else 0
+        splits = DataSplits(train, val, test, tuple(inputs.shape), classes)
+    for name in ("train", "val", "test"):
+        if len(getattr(splits, name)):
+            _pair(getattr(splits, name), name, key)
+    return splits
+
+
+_EMPTY = TensorDataset(torch.empty(0), torch.empty(0, dtype=torch.int64))
+
+
+def _pair(split: Dataset, name: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first item of `split` as (input, target) tensors, or a ConfigError saying what it is."""
+    if not len(split):
+        raise ConfigError(f"{key}: the {name} split is empty")
+    item = split[0]
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        with contextlib.suppress(TypeError):
+            inputs, targets = default_collate([item])
+            if isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor):
+                return inputs[0], targets[0]
+    raise ConfigError(
+        f"{key}: the {name} split's items must be (input, target) pairs of tensors or numbers; "
+        f"item 0 is {_described(item)}"
+    )
+
+
+def _map_style(dataset: object) -> bool:
+    return hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+
+
+def _described(value: object) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}: ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
+
+
+def _num_classes(train: Dataset) -> int:
+    if type(train) is TensorDataset:  # the targets at once, not one item at a time
+        return int(train.tensors[1].max()) + 1
+    return max(int(torch.as_tensor(train[i][1]).max()) for i in range(len(train))) + 1
 
 
 # --------------------------------------------------------------------------- helpers
