@@ -115,6 +115,7 @@ class Quantize(Callback):
         self.stage = stage or f"quantized_{mode}"
         self.artifact = artifact
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.quantized: nn.Module | None = None  # the int8 model, once the fit has ended
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model with no layer this mode quantizes (before anything trains)."""
@@ -140,7 +141,7 @@ class Quantize(Callback):
             )
         size = self.calibration_batch_size
         calibration = list(samples[: self.calibration_batches * size].split(size))
-        quantized = quantize(float_model, self.mode, calibration)
+        self.quantized = quantized = quantize(float_model, self.mode, calibration)
         accuracy = _measure(state, quantized)
 
         def measure_quantized() -> dict[str, Any]:
@@ -159,17 +160,17 @@ class Quantize(Callback):
                 )
 
         self._add(state, report, measure_quantized)
+        if state.is_global_zero and self.run_dir is not None:
+            report.write(self.run_dir, state.step)
 
     def _add(
         self, state: TrainState, report: CompressionReport, measure: Callable[[], dict[str, Any]]
     ) -> None:
-        """Rank 0 measures the row, every rank adds the same row; rank 0 writes the report."""
+        """Rank 0 measures the row, every rank adds the same row."""
         box = [measure() if state.is_global_zero else None]
         if several_ranks():
             dist.broadcast_object_list(box, src=0)
         report.add(state, box[0])
-        if state.is_global_zero and self.run_dir is not None:
-            report.write(self.run_dir, state.step)
 
     def _samples(self, data: Dataset | None) -> torch.Tensor:
         """Inputs of a fixed permutation of the training set: calibration batches first, and
