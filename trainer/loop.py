@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import math
 import time
@@ -87,6 +88,7 @@ class Trainer:
             rank=env.rank,
             world_size=env.world_size,
             measure=_measure_through(weakref.ref(self)),
+            train_data=train_loader.dataset,
         )
         self.state.max_steps = self._budget()
         # bf16 autocast needs no loss scaling; fp16 does, and only CUDA has fp16 autocast kernels.
@@ -328,26 +330,37 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def measure(self, loader: DataLoader | None, split: str) -> dict[str, float]:
+    def measure(
+        self, loader: DataLoader | None, split: str, model: nn.Module | None = None
+    ) -> dict[str, float]:
         """`evaluate` without logging or hooks: what callbacks call through `state.measure`
-        (e.g. pruning's accuracy before and after). Every rank must call it."""
+        (e.g. pruning's accuracy before and after). Every rank must call it. `model`: a plain
+        model to evaluate instead of the trainer's (a compressed copy), as it is (in eval mode:
+        an exported graph refuses `.eval()`), without autocast, on the device of its tensors."""
         if loader is None:
             return {}
+        own = model is None
         # DDP's wrapper is bypassed (its forward would broadcast buffers); FSDP2 and TP modules
-        # gather shards in every forward, so each rank runs the same number of forwards.
-        model = unwrap(self.model)
-        was_training = model.training
-        model.eval()
+        # gather shards in every forward, so each rank runs the same number of forwards. A plain
+        # copy runs no collective: each rank evaluates its own batches, unpadded.
+        model = unwrap(self.model) if own else model
+        device = self.env.device if own else _device_of(model)
+        batches = _padded(loader, all_reduce_max(len(loader), self.env.device)) if own else loader
+        if own:
+            was_training = model.training
+            model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss, correct, count
-        for inputs, targets in _padded(loader, all_reduce_max(len(loader), self.env.device)):
-            inputs = inputs.to(self.env.device, non_blocking=True)
-            targets = targets.to(self.env.device, non_blocking=True)
-            with self._autocast():
+        for inputs, targets in batches:
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with self._autocast() if own else contextlib.nullcontext():
                 logits = model(inputs)
+            # 0-d sums: they add into the run's device whichever device the model is on
             sums[0] += flat_cross_entropy(logits, targets, reduction="sum")
             sums[1] += (logits.argmax(-1) == targets).sum()
             sums[2] += targets.numel()
-        model.train(was_training)
+        if own:
+            model.train(was_training)
         loss_sum, correct, count = all_reduce_sum(sums, self.env.dp_group).tolist()
         return dict(zip(eval_metrics(split), (loss_sum / count, correct / count), strict=True))
 
@@ -556,17 +569,24 @@ class _Window:
         return metrics, flags
 
 
-def _measure_through(trainer: weakref.ref[Trainer]) -> Callable[[str], dict[str, float]]:
+def _measure_through(trainer: weakref.ref[Trainer]) -> Callable[..., dict[str, float]]:
     """`state.measure`: a quiet evaluation of "val" or "test". It holds the trainer weakly: a
     cycle trainer -> state -> trainer would leave a dropped trainer to Python's cyclic GC, which
     finalizes the loaders' worker queues before the workers are told to stop, so each worker
     process then takes DataLoader's 5 s join timeout to go (15 s for a trainer with 2 workers)."""
 
-    def measure(split: str) -> dict[str, float]:
+    def measure(split: str, model: nn.Module | None = None) -> dict[str, float]:
         owner = trainer()
-        return owner.measure({"val": owner.val_loader, "test": owner.test_loader}[split], split)
+        loader = {"val": owner.val_loader, "test": owner.test_loader}[split]
+        return owner.measure(loader, split, model)
 
     return measure
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where a model's tensors are (the CPU for one without any)."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 @contextlib.contextmanager

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from trainer.compress.report import CompressionReport
 
 
 @dataclass
@@ -22,9 +26,13 @@ class TrainState:
     steps_per_epoch: int
     rank: int = 0
     world_size: int = 1
-    # measure("val" | "test") -> {"val/loss": ..., "val/accuracy": ...}: a quiet evaluation that
-    # callbacks may run (on every rank at once); it neither logs nor fires on_eval_end.
-    measure: Callable[[str], dict[str, float]] | None = field(default=None, repr=False)
+    # measure("val" | "test", model=None) -> {"val/loss": ..., "val/accuracy": ...}: a quiet
+    # evaluation that callbacks may run (on every rank at once); it neither logs nor fires
+    # on_eval_end. `model`: another model to evaluate instead (a compressed copy).
+    measure: Callable[..., dict[str, float]] | None = field(default=None, repr=False)
+    # The whole training split, the same on every rank (the loader reads a rank's shard of it):
+    # where callbacks take fixed samples from, e.g. quantization's calibration batches.
+    train_data: Dataset | None = field(default=None, repr=False)
 
     step: int = 0  # optimizer steps completed
     epoch: int = 0  # the epoch in progress (0-based)
@@ -39,6 +47,8 @@ class TrainState:
         default_factory=dict
     )  # sent to the loggers at the next flush
     logged_at: dict[str, int] = field(default_factory=dict)  # name -> the step it was logged at
+    # One row per compression stage (trainer/compress/report.py), created by the first stage.
+    compression: CompressionReport | None = None
 
     def log(self, metrics: dict[str, float]) -> None:
         """Record metrics: they show in `metrics` at once and reach the loggers in the next log
@@ -64,13 +74,16 @@ class TrainState:
         self.stop_reason = self.stop_reason or reason
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step,
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "samples_seen": self.samples_seen,
             "metrics": dict(self.metrics),
         }
+        if self.compression is not None:  # a stage measured mid-run (before fine-tuning)
+            state["compression"] = self.compression.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -78,6 +91,11 @@ class TrainState:
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self.samples_seen = int(state["samples_seen"])
         self.metrics = dict(state["metrics"])
+        if "compression" in state:
+            # Here, not at the top: a run that compresses nothing never loads the report's modules.
+            from trainer.compress.report import CompressionReport
+
+            self.compression = CompressionReport(state["compression"]["rows"])
 
 
 def rate_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
