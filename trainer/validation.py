@@ -18,6 +18,7 @@ import torch
 
 from trainer.distributed.env import pick_device
 from trainer.errors import ConfigError, require
+from trainer.losses import check_loss
 from trainer.metrics import LOOP_PREFIXES, eval_metrics, fit_metrics
 from trainer.targets import build, check_target, resolve_target
 
@@ -38,6 +39,7 @@ def check_run(cfg: TrainConfig, world_size: int) -> None:
     check_target(cfg.model, "model", allowed, injected=("input_shape", "num_classes"))
     check_target(cfg.data.dataset, "data.dataset", allowed)
     check_target(cfg.optim, "optim", allowed, injected=("params",))
+    check_loss(cfg.loss, allowed)
     for group, nodes in (("callbacks", cfg.callbacks), ("logger", cfg.logger)):
         for name, node in nodes.items():
             require(

@@ -135,6 +135,7 @@ def test_a_monitor_of_validation_is_refused_when_the_data_has_no_val_split(tmp_p
         (["device=cpu", "precision=fp16"], "precision"),
         (["device=cpu", "parallel=fsdp", "parallel.cpu_offload=true"], "parallel.cpu_offload"),
         (["device=cpu", "parallel=ddp", "parallel.sync_batchnorm=true"], "parallel.sync_batchnorm"),
+        (["loss=distill", "loss.alpha=2"], "loss.alpha"),
         (["parallel=ddp", "parallel.cpu_offload=true"], "parallel.cpu_offload"),
         (["callbacks=[pruning]", "callbacks.pruning.sparsity=1.5"], "callbacks.pruning.sparsity"),
         (

@@ -47,11 +47,12 @@ def test_the_walk_finds_every_option_file():
     assert (RECIPES / "train.yaml").is_file()
     assert len(OPTIONS) == len(all_yaml) - 1  # everything but the primary train.yaml
     # Counted by hand from the tree: a new option file must be added here too, on purpose.
-    per_group = {"callbacks": 7, "data": 4, "experiment": 10, "hydra/launcher": 1, "logger": 4}
-    per_group |= {"model": 5, "optim": 2, "parallel": 5, "schedule": 14}
+    per_group = {"callbacks": 8, "data": 5, "experiment": 12, "hydra/launcher": 1, "logger": 4}
+    per_group |= {"hydra/sweeper": 1, "loss": 2, "model": 6, "optim": 2, "parallel": 5}
+    per_group |= {"schedule": 14}
     found = {group: sum(1 for g, _ in OPTIONS if g == group) for group, _ in OPTIONS}
     assert found == per_group
-    assert len(OPTIONS) == sum(per_group.values()) == 52
+    assert len(OPTIONS) == sum(per_group.values()) == 60
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -63,9 +64,15 @@ def test_every_group_option_composes_and_validates(group, option, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "4")
     else:
         monkeypatch.delenv("WORLD_SIZE", raising=False)
-    cfg = compose_train([f"{group}={option}"])
+    # The `custom` options are empty nodes for a user's own `_target_`: give them one.
+    filled = {"model": "++model._target_=trainer.models.MLP"}
+    filled["data"] = "++data.dataset._target_=trainer.data.datasets.digits"
+    extra = [filled[group]] if option == "custom" else []
+    cfg = compose_train([f"{group}={option}", *extra])
     typed = validate(cfg)
     assert isinstance(typed, TrainConfig)
+    if extra:
+        return  # the file's `???` was filled above: nothing of it to compare
     # The option really is the one selected (presets are global, so they land at the top level;
     # Hydra's own groups, like hydra/launcher, land under the `hydra` node).
     if group != "experiment":
@@ -109,8 +116,9 @@ def test_experiment_preset_values_take_effect(name):
         for target, option in entry.items():  # e.g. {"override /model": "gpt"}
             group = target.split("/", 1)[1]
             selected = OmegaConf.select(cfg, group.replace("/", "."))
-            for key, value in OmegaConf.load(RECIPES / group / f"{option}.yaml").items():
-                assert selected[key] == value, f"experiment={name}: {group}.{key}"
+            for one in option if OmegaConf.is_list(option) else [option]:  # a list group
+                for key, value in OmegaConf.load(RECIPES / group / f"{one}.yaml").items():
+                    assert selected[key] == value, f"experiment={name}: {group}.{key}"
 
 
 def test_wheel_ships_the_recipes(tmp_path):
@@ -146,7 +154,7 @@ def test_the_tp_preset_names_exactly_the_models_with_a_tensor_parallel_plan():
     ]
     listed = {name.strip() for name in line.split("Models:")[1].split("(")[0].split(",")}
     with_plan = set()
-    for _, option in (o for o in OPTIONS if o[0] == "model"):
+    for _, option in (o for o in OPTIONS if o[0] == "model" and o[1] != "custom"):
         node = OmegaConf.to_container(OmegaConf.load(RECIPES / "model" / f"{option}.yaml"))
         shape = (16,) if option == "gpt" else (1, 8, 8)  # token ids, or a digit image
         model = build(node, "model", ["trainer."], input_shape=shape, num_classes=10)
