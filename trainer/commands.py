@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from trainer import export as weights
-from trainer.checkpoint import CheckpointError, Checkpointer, load_model_weights
+from trainer.checkpoint import Checkpointer, CheckpointError, load_model_weights
 from trainer.checkpoint_reader import COMMITTED, MANIFEST
 from trainer.config import CheckpointConfig, ConfigError, ParallelConfig, TrainConfig, validate
 from trainer.distributed.env import DistEnv, pick_device
@@ -101,7 +101,9 @@ def _read_config(run_dir: Path) -> Any:
     try:
         return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
     except Exception as err:  # a YAML error, or a value the schema refuses
-        raise ConfigError(f"{path}: not a hooktrain run config ({' '.join(str(err).split())})")
+        raise ConfigError(
+            f"{path}: not a hooktrain run config ({' '.join(str(err).split())})"
+        ) from None
 
 
 def run_config(run_dir: Path, device: str | None = None) -> TrainConfig:
@@ -233,7 +235,9 @@ def _read_inputs(path: Path) -> torch.Tensor:
         inputs = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # missing, truncated, or refused by the weights-only unpickler
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"--data: {path}: not a tensor file torch.load can read ({first})")
+        raise ConfigError(
+            f"--data: {path}: not a tensor file torch.load can read ({first})"
+        ) from None
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or not len(inputs):
         raise ConfigError(f"--data: {path}: must hold one tensor of inputs, samples along dim 0")
     return inputs
