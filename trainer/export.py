@@ -78,6 +78,14 @@ def write_final_weights(trainer: Any, run_dir: str | os.PathLike) -> Path:
     return write_weights(trainer.model, Path(run_dir) / FINAL_WEIGHTS, run_spec(trainer.cfg))
 
 
+def write_best_weights(model: nn.Module, run_dir: str | os.PathLike) -> Path:
+    """`<run dir>/best_model.pt`: early stopping's best weights, the model rebuilt from the
+    run's config.yaml. Every rank calls it."""
+    from trainer.commands import run_config
+
+    return write_weights(model, Path(run_dir) / BEST_WEIGHTS, run_spec(run_config(Path(run_dir))))
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, Any]:
     """A weights file's contents, read weights-only; CheckpointError naming the file otherwise."""
     path = Path(path)
