@@ -54,6 +54,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -219,7 +220,8 @@ class EarlyStopping(Callback):
                 )
             return
         set_model_state_dict(state.model, self.best_weights)
-        if self.run_dir is not None:
+        # A run the command line recorded (its config.yaml rebuilds the model)
+        if self.run_dir is not None and (Path(self.run_dir) / "config.yaml").is_file():
             from trainer.export import write_best_weights
 
             write_best_weights(state.model, self.run_dir)  # every rank: it gathers the shards
