@@ -45,7 +45,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from trainer.checkpoint_reader import (
     COMMITTED,
@@ -284,6 +289,23 @@ class Checkpointer:
                 "on a file system that every node shares?"
             )
         return self.root / f"step_{oldest:08d}"
+
+
+def load_model_weights(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Verify the checkpoint `folder` and load only its model weights into `model` (evaluation,
+    export: no optimizer, counters or generators); returns the manifest."""
+    manifest = verify(folder)
+    model_sd = get_model_state_dict(model)
+    try:
+        dcp.load(
+            {"model": model_sd},
+            storage_reader=ListedFilesReader(folder, set(manifest["files"])),
+            planner=WeightsOnlyLoadPlanner(),
+        )
+        set_model_state_dict(model, model_sd)
+    except (Exception, dcp.api.CheckpointException) as err:  # DCP's is a BaseException
+        raise CheckpointError(f"{folder}: does not fit this model ({_cause(err)})") from None
+    return manifest
 
 
 def load(folder: Path, trainer: Trainer, listed: set[str]) -> None:

@@ -54,6 +54,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,7 +82,8 @@ class EarlyStopping(Callback):
         divergence_threshold: stop as soon as the value is strictly worse than this.
         check_finite: stop as soon as the value is NaN or infinite.
         check_on: ``eval`` (after each validation) or ``step`` (when ``monitor`` is freshly logged).
-        restore_best_weights: load the weights of the best check back at the end of the fit.
+        restore_best_weights: load the weights of the best check back at the end of the fit,
+            and write them to ``<run dir>/best_model.pt`` (trainer/export.py's format).
         verbose: print improvements and the stop reason on rank zero.
     """
 
@@ -114,6 +116,7 @@ class EarlyStopping(Callback):
         check_on: str = "eval",
         restore_best_weights: bool = False,
         verbose: bool = True,
+        run_dir: str | None = None,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must be a non-empty metric name, got {monitor!r}")
@@ -158,6 +161,7 @@ class EarlyStopping(Callback):
         self.check_on = check_on
         self.restore_best_weights = restore_best_weights
         self.verbose = verbose
+        self.run_dir = run_dir  # given by the trainer: where best_model.pt goes
 
         # Saved in checkpoints (state_dict):
         self.best: float | None = None  # None until the first comparable value
@@ -216,6 +220,11 @@ class EarlyStopping(Callback):
                 )
             return
         set_model_state_dict(state.model, self.best_weights)
+        # A run the command line recorded (its config.yaml rebuilds the model)
+        if self.run_dir is not None and (Path(self.run_dir) / "config.yaml").is_file():
+            from trainer.export import write_best_weights
+
+            write_best_weights(state.model, self.run_dir)  # every rank: it gathers the shards
         if self.verbose and state.is_global_zero:
             log.info(
                 "early stopping: restored the weights of step %d (%s = %.6g)",
