@@ -107,6 +107,10 @@ def run(
                         file=sys.stderr,
                     )
                 return json.loads(summary_path.read_text())
+            # The weights as one plain file; every rank calls it (it gathers shards).
+            from trainer.export import write_final_weights
+
+            write_final_weights(fit_trainer, run_dir)
             summary = _summarise(fit_trainer, facts, started, run_dir)
             numbers = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
             fit_trainer.logger.log_metrics(numbers, state.step)
@@ -273,6 +277,11 @@ def _exit(err: ConfigError | CheckpointError, say: bool, record: bool = False) -
 def main() -> None:
     """`hooktrain`. Hydra is made to raise rather than report, so that a config it cannot
     compose ends like every other config error; any other error gets Hydra's short report."""
+    if sys.argv[1:2] in (["evaluate"], ["predict"], ["export"]):  # a run's model after the fit
+        from trainer import commands
+
+        commands.main(sys.argv[1:])
+        return
     asked_full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     importable_cwd()
