@@ -2,7 +2,7 @@
 then int8 static, dynamic and weight-only) on MNIST-1D (CNN, MLP, transformer, and a wide MLP whose
 layers are large enough for int8 kernels to pay) and digits (CNN), for docs/compression.md.
 
-    python -m benchmarks.compression                        # about 4 minutes on 2 busy CPU cores
+    python -m benchmarks.compression                        # 3 to 9 minutes on 2 shared CPU cores
     python -m benchmarks.compression --workloads mnist1d_cnn --epochs-scale 0.25
 
 Each workload trains once from its recipe (`hooktrain experiment=<preset>` with the epochs below,
