@@ -248,3 +248,14 @@ def test_deployed_size_is_at_least_3_5x_smaller_than_fp32(tmp_path):
         path = save_quantized(quantize(model, mode, calibration), mode, tmp_path / f"{mode}.pt")
         ratio = dense.stat().st_size / path.stat().st_size
         assert ratio >= 3.5, (mode, ratio)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_a_linear_of_one_input_feature_stays_float(mode):
+    # torchao 0.18's per-row int8 fails on in_features == 1 (a transformer's scalar embedding).
+    model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    quantized = quantize(model, mode)
+    assert type(quantized[0].weight) is nn.Parameter and quantized[0].weight.dtype == torch.float32
+    assert type(quantized[2].weight.data) is not torch.Tensor  # a torchao int8 tensor
+    x = torch.randn(32, 1)
+    assert quantized(x).shape == (32, 4)
