@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.pt2e_reference import pt2e_static_reference
 from trainer.checkpoint import CheckpointError
 from trainer.compress.quantize import (
     MODES,
@@ -117,28 +118,12 @@ def test_torchao_modes_match_quantize_applied_directly(mode):
 
 @needs_torchao
 def test_static_matches_the_pt2e_calls_with_the_same_calibration():
-    from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
 
     model = _model(CNN)  # Conv1d and Linear layers
     calibration = _batches(3)
     quantized = quantize(model, "static", calibration)
 
-    batch = torch.export.Dim("batch")
-    exported = torch.export.export(
-        copy.deepcopy(model), (calibration[0],), dynamic_shapes=({0: batch},)
-    )
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported.module(), quantizer)
-    with torch.no_grad():
-        for x in calibration:
-            prepared(x)
-    reference = convert_pt2e(prepared)
-    move_exported_model_to_eval(reference)
+    reference = pt2e_static_reference(model, calibration)
     with torch.no_grad():
         for size in (5, 64):  # the batch dimension stayed dynamic
             x = torch.randn(size, *SHAPE)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tests.helpers import ENV, make_config
+from tests.pt2e_reference import pt2e_static_reference
 from trainer.build import build_trainer, check_callbacks_fit
 from trainer.callbacks.base import Callback
 from trainer.callbacks.quantize import SAMPLE_SEED, Quantize
@@ -86,12 +87,6 @@ def _read_jsonl(path: Path) -> dict[str, float]:
 
 def test_static_int8_model_matches_pt2e_applied_directly_and_is_reported(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
 
     from trainer.compress.quantize import load_quantized
 
@@ -101,17 +96,7 @@ def test_static_int8_model_matches_pt2e_applied_directly_and_is_reported(tmp_pat
 
     # torchao's PT2E calls on the same trained weights and the same calibration samples
     calibration = _calibration(trainer)
-    batch = torch.export.Dim("batch")
-    exported = torch.export.export(
-        copy.deepcopy(trained), (calibration[0],), dynamic_shapes=({0: batch},)
-    )
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported.module(), quantizer)
-    with torch.no_grad():
-        for x in calibration:
-            prepared(x)
-    reference = convert_pt2e(prepared)
-    move_exported_model_to_eval(reference)
+    reference = pt2e_static_reference(trained, calibration)
     x = torch.randn(7, 1, 16)
     loaded = load_quantized(tmp_path / "quantized_model.pt", copy.deepcopy(trained))
     with torch.no_grad():
