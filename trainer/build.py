@@ -89,6 +89,9 @@ def build_trainer(
         "tokens_per_sample": targets[0].numel(),
     }
     bare_model = model  # wrapping keeps its modules: callbacks look them up by name
+    callbacks = build_callbacks(cfg, str(run_dir))
+    check_callbacks_fit(bare_model, callbacks)
+    prepare_model_for_callbacks(bare_model, callbacks)
     mesh, env = build_mesh(cfg.parallel, env)
     model = parallelize(model, cfg.parallel, env, mesh)
     if cfg.compile:
@@ -97,8 +100,6 @@ def build_trainer(
     optimizer = build(cfg.optim, "optim", cfg.allowed_targets, params=model.parameters())
     train = train_loader(splits.train, cfg.data, env, cfg.seed)
     check_batch_fits(train, len(splits.train), cfg, env)
-    callbacks = build_callbacks(cfg, str(run_dir))
-    check_callbacks_fit(bare_model, callbacks)
     # validate() assumed a validation split; the data may have none.
     check_monitors(cfg, callbacks, validates=cfg.val_every_epochs > 0 and len(splits.val) > 0)
     loss = build_loss(cfg, env, mesh, splits)  # after the cheap checks: it may load a teacher
@@ -164,6 +165,19 @@ def check_callbacks_fit(model: torch.nn.Module, callbacks: list[tuple[str, Callb
                 check(model)
             except ValueError as err:
                 raise ConfigError(f"{key}: {err}") from None
+
+
+def prepare_model_for_callbacks(
+    model: torch.nn.Module, callbacks: list[tuple[str, Callback]]
+) -> None:
+    """A callback with a `prepare_model(model)` method changes the bare model's modules here,
+    before DDP / FSDP2 wrap it and the optimizer and a resumed checkpoint see its parameters
+    (e.g. quantization-aware training swaps in fake-quantized layers that keep the parameters'
+    names, so checkpoints, sharding and the optimizer work on them unchanged)."""
+    for _, callback in callbacks:
+        prepare = getattr(callback, "prepare_model", None)
+        if prepare is not None:
+            prepare(model)
 
 
 def check_batch_fits(loader: DataLoader, samples: int, cfg: TrainConfig, env: DistEnv) -> None:
