@@ -129,6 +129,7 @@ class Trainer:
                     self._flush_logs()
                     self.logger.flush()  # what the checkpoint covers is in the logs first
                     self.checkpointer.save_final(self, force=self.save_on_stop)
+            state.interrupted = self.save_on_stop
             self._call("on_fit_end")
             self._flush_logs()
             self.logger.flush()  # when fit returns, its metrics are written

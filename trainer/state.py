@@ -43,6 +43,9 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False  # set through request_stop(); agreed across ranks by the loop
     stop_reason: str = ""
+    # The fit stopped to be resumed (a stop signal, nonfinite=stop), agreed across ranks: work at
+    # on_fit_end that the resumed run will do at its own end (quantizing, reports) is skipped.
+    interrupted: bool = False
     unlogged: dict[str, float] = field(
         default_factory=dict
     )  # sent to the loggers at the next flush
