@@ -16,7 +16,6 @@ machine, torch and hooktrain commit it ran on.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import trainer.build as build_module  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import build_each_dataset_once, machine  # noqa: E402
 from trainer.config import CheckpointConfig, DataConfig, TrainConfig  # noqa: E402
 from trainer.distributed.env import DistEnv  # noqa: E402
 
@@ -46,19 +45,7 @@ STUDENTS = {  # every width halved
 }
 DATASET = {"_target_": "trainer.data.datasets.mnist1d", "num_samples": 5000, "seed": 42}
 
-_datasets: dict[str, Any] = {}
-_build_data = build_module.build_data
-
-
-def _cached_build_data(cfg: TrainConfig) -> Any:
-    """MNIST-1D is generated in seconds, not milliseconds: build it once for all the fits."""
-    key = json.dumps(cfg.data.dataset, sort_keys=True)
-    if key not in _datasets:
-        _datasets[key] = _build_data(cfg)
-    return _datasets[key]
-
-
-build_module.build_data = _cached_build_data
+build_each_dataset_once()
 
 
 def config(model: dict[str, Any], seed: int, epochs: int, **fields: Any) -> TrainConfig:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
@@ -41,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import trainer.build as build_module  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import build_each_dataset_once, machine  # noqa: E402
 from trainer.config import CheckpointConfig, DataConfig, TrainConfig  # noqa: E402
 from trainer.distributed.env import DistEnv  # noqa: E402
 from trainer.pruning import masks as M  # noqa: E402
@@ -64,19 +63,7 @@ LATENCY_ROUNDS, LATENCY_REPEATS = 5, 10  # 50 timed passes per model
 
 # ---------------------------------------------------------------------------------- plumbing
 
-_datasets: dict[str, Any] = {}
-_build_data = build_module.build_data
-
-
-def _cached_build_data(cfg: TrainConfig) -> Any:
-    """MNIST-1D is generated in seconds, not milliseconds: build it once for all the fits."""
-    key = json.dumps(cfg.data.dataset, sort_keys=True)
-    if key not in _datasets:
-        _datasets[key] = _build_data(cfg)
-    return _datasets[key]
-
-
-build_module.build_data = _cached_build_data
+build_each_dataset_once()
 
 
 def config(
