@@ -1,6 +1,7 @@
-"""Distillation on 2 ranks over gloo (CPU): DDP with a replicated teacher and FSDP2 with the
-teacher sharded like the student end where one process ends: the same logged losses and the
-same weights. The teacher comes from a real run folder trained here in one process."""
+"""Distillation on 2 ranks over gloo (CPU): DDP with a replicated teacher, FSDP2 with the teacher
+sharded like the student, and tensor parallel (the student's Linear pair split over the ranks,
+the teacher whole on each) end where one process ends: the same logged losses and the same
+weights. The teacher comes from a real run folder trained here in one process."""
 
 from __future__ import annotations
 
@@ -27,9 +28,12 @@ TEACHER_MODEL = {"_target_": "trainer.models.MLP", "hidden": [32], "dropout": 0.
 FULL = StateDictOptions(full_state_dict=True)  # on every rank
 
 
+STRATEGIES = {"ddp": WORLD, "fsdp": WORLD, "tp": 1}  # strategy -> data-parallel ranks
+
+
 def student_config(teacher: str, strategy: str, world: int):
     """A half-width student (no dropout: ranks draw other masks than one process would), AdamW,
-    grad clipping: 8 global batches of 32 an epoch, 2 epochs."""
+    grad clipping: 8 global batches of 32 an epoch, 2 epochs. `world`: data-parallel ranks."""
     return make_config(
         model={"hidden": [16], "dropout": 0.0},
         optim={"_target_": "torch.optim.AdamW", "lr": 1e-2},
@@ -67,23 +71,24 @@ def _fit(cfg, env, run_dir: Path, probe: torch.Tensor) -> dict[str, Any]:
         "teacher": {k: v.clone() for k, v in get_model_state_dict(teacher, options=FULL).items()},
         "teacher_out": teacher_out,
         "sharded": sharded,
+        "student_sharded": any(isinstance(p, DTensor) for p in trainer.model.parameters()),
         "frozen": all(not p.requires_grad and p.grad is None for p in teacher.parameters()),
         "eval": not any(m.training for m in teacher.modules()),
     }
 
 
 def _worker(teacher: str, out_dir: str, probe: torch.Tensor) -> dict[str, dict[str, Any]]:
-    # One launch runs both strategies: starting processes costs more than the fits.
+    # One launch runs every strategy: starting processes costs more than the fits.
     with distributed("cpu", "gloo", 60) as env:
         return {
             strategy: _fit(
-                student_config(teacher, strategy, WORLD), env, Path(out_dir) / strategy, probe
+                student_config(teacher, strategy, dp), env, Path(out_dir) / strategy, probe
             )
-            for strategy in ("ddp", "fsdp")
+            for strategy, dp in STRATEGIES.items()
         }
 
 
-def test_ddp_and_fsdp_distillation_match_one_process(tmp_path):
+def test_ddp_fsdp_and_tp_distillation_match_one_process(tmp_path):
     torch.set_num_threads(1)
     teacher_cfg = make_config(model=TEACHER_MODEL, checkpoint={"save_final": True})
     teacher_trainer, _ = build_trainer(teacher_cfg, ENV, tmp_path / "teacher")
@@ -97,9 +102,10 @@ def test_ddp_and_fsdp_distillation_match_one_process(tmp_path):
 
     with torch.no_grad():
         want_out = final_teacher(probe)
-    for strategy in ("ddp", "fsdp"):
+    for strategy in STRATEGIES:
         got = ranks[0][strategy]
-        assert got["sharded"] == (strategy == "fsdp"), strategy
+        assert got["sharded"] == (strategy == "fsdp"), strategy  # tp: the teacher stays whole
+        assert got["student_sharded"] == (strategy != "ddp"), strategy
         assert got["frozen"] and got["eval"], strategy
         for name, value in final_teacher.state_dict().items():  # loaded whole, never changed
             assert torch.equal(got["teacher"][name], value), (strategy, name)
@@ -111,6 +117,6 @@ def test_ddp_and_fsdp_distillation_match_one_process(tmp_path):
                 got["weights"][name], value, rtol=1e-4, atol=2e-5, msg=f"{strategy} {name}"
             )
     # Every rank ends with the same student.
-    for strategy in ("ddp", "fsdp"):
+    for strategy in STRATEGIES:
         for name, value in ranks[0][strategy]["weights"].items():
             assert torch.equal(ranks[1][strategy]["weights"][name], value), (strategy, name)
