@@ -23,7 +23,7 @@ Per run:
   left out), so it counts what surrounds `train_step` too (the logger hand-off, data, hooks). The
   loggers start in the background thread during the first steps: their start-up is counted.
   The same over the second half of the fit's steps, and the trainer's own figure (summary.json's
-  samples_per_second: `train_step` alone);
+  train_step_samples_per_second: `train_step` alone);
 - the process's wall time and CPU seconds, and, sampled from /proc while it runs, the CPU
   seconds of its threads but the main one (the loggers' thread, wandb's own threads) and of its
   child processes (wandb's `wandb-core` service and `wandb-symon` monitor).
@@ -194,7 +194,7 @@ def run_cli(overrides: Sequence[str], env: dict[str, str], every_s: float = 0.2)
         return {
             "fit": fit_samples_per_second(ends),
             "second_half": fit_samples_per_second(ends[len(ends) // 2 :]),
-            "train_step": summary["samples_per_second"],
+            "train_step": summary["train_step_samples_per_second"],
             "wall": wall,
             "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
             "threads_cpu": sum(threads.values()),

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from trainer import run_folder
 from trainer.checkpoint import CheckpointError
-from trainer.cli import composition_message, recipes_dir, run_in_folder
+from trainer.cli import composition_message, configured_wandb, recipes_dir, run_in_folder
 from trainer.config import ConfigError
 from trainer.data.datasets import DataSplits, as_splits
 from trainer.own_code import overridden_keys, replace_overridden_nodes
@@ -90,8 +90,9 @@ def compose_config(
     config: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
 ) -> DictConfig:
     """The config `hooktrain` would compose for these overrides (and `--config-dir <config's
-    folder> --config-name <config's name>` when `config` names a file)."""
-    overrides = replace_overridden_nodes(list(overrides))
+    folder> --config-name <config's name>` when `config` names a file), with wandb on where the
+    user has configured it (`trainer.cli.configured_wandb`), as for the command."""
+    overrides = configured_wandb(replace_overridden_nodes(overrides), own_config=config is not None)
     config_dir, name = recipes_dir(), "train"
     if config is not None:
         path = Path(config).resolve()

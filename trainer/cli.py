@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -42,7 +44,12 @@ from trainer.checkpoint_reader import refuse_run_folder
 from trainer.config import ConfigError, TrainConfig, register_schema, validate
 from trainer.distributed.env import any_rank, distributed
 from trainer.distributed.launch import launch
-from trainer.own_code import importable_cwd, replace_overridden_nodes, with_default_targets
+from trainer.own_code import (
+    importable_cwd,
+    overridden_keys,
+    replace_overridden_nodes,
+    with_default_targets,
+)
 from trainer.throughput import SUMMARY_NOTE, human_flops, throughput_summary
 
 if TYPE_CHECKING:
@@ -53,6 +60,8 @@ if TYPE_CHECKING:
 
 STARTED = trainer.STARTED
 EXIT_CODES = {"config": 2, "checkpoint": 3}
+WANDB_ON = "+logger=wandb"  # what a user who has configured wandb gets (see configured_wandb)
+log = logging.getLogger("hooktrain")
 
 
 def recipes_dir() -> Path:
@@ -93,6 +102,11 @@ def run(
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if env.is_global_zero:  # the run is known to start: now it is on record
             run_folder.record_config(run_dir, resolved)
+            # Once, on rank 0, in the console log: what config.yaml holds.
+            yaml = OmegaConf.to_yaml(resolved).rstrip("\n")
+            log.info("config (also in %s):\n%s", run_dir / "config.yaml", yaml)
+            if resolved["logger"].get("wandb") and wandb_key_set():
+                log.info("wandb logs this run: WANDB_API_KEY is set (docs/loggers.md)")
         summary_path = run_dir / "summary.json"
         try:  # the loggers are closed (files flushed, wandb finished) even when the run fails
             fit_trainer.logger.log_config(resolved)
@@ -177,6 +191,33 @@ def _shown(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value)
+
+
+def wandb_key_set() -> bool:
+    """Whether the user has configured wandb for this shell or job: WANDB_API_KEY is set (and
+    WANDB_MODE does not switch wandb off)."""
+    return bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE") != "disabled"
+
+
+def configured_wandb(overrides: Sequence[str], own_config: bool = False) -> list[str]:
+    """`overrides` with `+logger=wandb` added where the user has configured wandb
+    (`wandb_key_set`) and left the choice of loggers to the defaults: no `logger` override, and
+    hooktrain's own primary config (`own_config`: the user's names its own loggers). wandb is
+    opt-in because its start-up costs a short run a third of its training speed
+    (docs/loggers.md); a user with a key has opted in. The override is recorded in the run's
+    .hydra/overrides.yaml and shows in the printed config."""
+    keys = [*overridden_keys(overrides), *(o[1:] for o in overrides if o.startswith("~"))]
+    chosen = any(key == "logger" or key.startswith("logger@") for key in keys)
+    if own_config or chosen or not wandb_key_set():
+        return list(overrides)
+    return [*overrides, WANDB_ON]
+
+
+def _names_own_config(argv: Sequence[str]) -> bool:
+    """Whether Hydra's command line names a primary config other than hooktrain's own."""
+    return any(
+        a in ("--config-name", "-cn") or a.startswith(("--config-name=", "-cn=")) for a in argv
+    )
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -286,7 +327,8 @@ def main() -> None:
     asked_full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     importable_cwd()
-    sys.argv[1:] = replace_overridden_nodes(sys.argv[1:])
+    overrides = replace_overridden_nodes(sys.argv[1:])
+    sys.argv[1:] = configured_wandb(overrides, own_config=_names_own_config(overrides))
     try:
         _hydra_entry()
         return

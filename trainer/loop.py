@@ -38,7 +38,16 @@ from trainer.distributed.env import (
 from trainer.distributed.parallelize import unwrap
 from trainer.loggers.base import Logger
 from trainer.losses import CrossEntropy, Loss, flat_cross_entropy
-from trainer.metrics import EPOCH, SKIPPED_STEPS, TRAIN_LOSS, TRAIN_SPEED, eval_metrics
+from trainer.metrics import (
+    EPOCH,
+    SKIPPED_STEPS,
+    TRAIN_GRAD_NORM,
+    TRAIN_LOSS,
+    TRAIN_PERPLEXITY,
+    TRAIN_SPEED,
+    eval_metrics,
+    perplexity_metric,
+)
 from trainer.state import TrainState, rate_metrics
 from trainer.stop_signals import stop_on_signals
 
@@ -113,6 +122,13 @@ class Trainer:
         self._stop_without_agreement = False  # nonfinite=stop: every rank asks at the same step
         self._window = _Window()
         self._held_row: dict[str, float] = {}  # a log step's row, while its all-reduce runs
+        # Perplexity, exp(mean token cross-entropy), for models with a target per token (as the
+        # throughput's tokens per sample counts them); train/perplexity only where train/loss is
+        # that cross-entropy, not a distillation's mix or a smoothed one.
+        self.sequences = torch.as_tensor(train_loader.dataset[0][1]).numel() > 1
+        self._train_perplexity = (
+            self.sequences and type(self.loss) is CrossEntropy and not self.loss.label_smoothing
+        )
 
     # ---------------------------------------------------------------------------- fit
     def fit(self) -> TrainState:
@@ -184,7 +200,7 @@ class Trainer:
                 hook(state)
             log_step = self._should_log(state.step + 1)
             started = time.perf_counter()
-            loss = self.train_step(batches)
+            loss, norm = self.train_step(batches)
             samples = self._global_samples(batches)
             if self.first_step_done is None:
                 self.first_step_done = time.time()
@@ -194,7 +210,7 @@ class Trainer:
             state.step += 1
             state.batches_in_epoch += len(batches)
             state.samples_seen += samples
-            self._window.add(loss, samples)
+            self._window.add(loss, norm, samples)
             # Under torchrun a log step's all-reduce (loss window, stop flags) completes while the
             # next step runs; that step sends the log step's row.
             agreed = self._finish_reduce_in_flight()
@@ -245,10 +261,10 @@ class Trainer:
         self._agree_to_stop()
 
     # ---------------------------------------------------------------------------- one step
-    def train_step(self, batches: Sequence[Batch]) -> torch.Tensor:
+    def train_step(self, batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the micro-batches, then one optimizer step. Returns the mean
-        loss as a tensor. The step syncs with the host once, for the finiteness check of the
-        gradient norm."""
+        loss and the global gradient norm before clipping, as tensors. The step syncs with the
+        host once, for the finiteness check of the gradient norm."""
         # Weight each micro-batch by its share of the step's samples, so that accumulation equals
         # one step on the combined batch even when the epoch's last micro-batch is short.
         count = sum(targets.numel() for _, targets in batches) if len(batches) > 1 else 0
@@ -274,6 +290,8 @@ class Trainer:
         total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # clip and check the true gradients
+        # The norm before clipping, also without clipping (one fused norm over the gradients):
+        # the finiteness check needs it, and it is logged as train/grad_norm.
         if self.cfg.grad_clip > 0:
             norm = self._clip(self.model.parameters(), self.cfg.grad_clip)
         else:
@@ -285,7 +303,7 @@ class Trainer:
             scaler.update()
         elif self._finite_or_handled(total, norm):
             self.optimizer.step()
-        return total
+        return total, norm
 
     def _finite_or_handled(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
         """True if the step may go ahead; applies the `nonfinite` policy when it may not."""
@@ -363,7 +381,10 @@ class Trainer:
         if own:
             model.train(was_training)
         loss_sum, correct, count = all_reduce_sum(sums, self.env.dp_group).tolist()
-        return dict(zip(eval_metrics(split), (loss_sum / count, correct / count), strict=True))
+        metrics = dict(zip(eval_metrics(split), (loss_sum / count, correct / count), strict=True))
+        if self.sequences:  # the loss is the mean over tokens
+            metrics[perplexity_metric(split)] = _perplexity(loss_sum / count)
+        return metrics
 
     def samples_per_second(self) -> float:
         """Global training samples per second in steady state (the first step excluded)."""
@@ -419,7 +440,7 @@ class Trainer:
 
     def _finish_log_reduce(self) -> list[bool]:
         """Wait for the log step's all-reduce; log its metrics and return the agreed flags."""
-        metrics, agreed = self._window.finish_reduce(self.env)
+        metrics, agreed = self._window_metrics()
         self.state.log(metrics)
         return agreed
 
@@ -430,12 +451,20 @@ class Trainer:
         if not self._window.in_flight:
             return None
         step = self._window.reducing_step
-        metrics, agreed = self._window.finish_reduce(self.env)
+        metrics, agreed = self._window_metrics()
         self.state.metrics.update(metrics)
         if self.env.is_global_zero:
             self.logger.log_metrics({**self._held_row, **metrics}, step)
         self._held_row = {}
         return agreed
+
+    def _window_metrics(self) -> tuple[dict[str, float], list[bool]]:
+        """The reduced log window's metrics (with train/perplexity where it is logged) and the
+        agreed stop flags."""
+        metrics, agreed = self._window.finish_reduce(self.env)
+        if self._train_perplexity:
+            metrics[TRAIN_PERPLEXITY] = _perplexity(metrics[TRAIN_LOSS])
+        return metrics, agreed
 
     def _stop_now(self, agreed: list[bool] | None) -> bool:
         """Whether every rank stops after this step. One process decides alone, after every step.
@@ -505,21 +534,26 @@ class _Reduction(NamedTuple):
     """A log step's window on its way to every rank (`_Window.start_reduce`)."""
 
     step: int
-    # One process: the loss sum (0-d). Under torchrun: [loss sum, flag, ...], summed in place.
+    # [loss sum, grad norm sum], and under torchrun a 0/1 per flag, all summed in place.
     values: torch.Tensor
     work: Any  # the all-reduce's handle; None in one process, where nothing is reduced
     flags: list[bool]  # this rank's own
-    count: int  # losses in the window
+    count: int  # steps in the window
     speed: float  # this rank's samples per second over the window
 
 
 class _Window:
-    """Training loss and throughput since the last log step. On a log step the loss sum goes to
-    every rank with the stop flags in one asynchronous all-reduce (`start_reduce`), read back
-    by `finish_reduce`; the next window starts meanwhile. In one process nothing is reduced."""
+    """Training loss, gradient norm and throughput since the last log step. On a log step the
+    sums go to every rank with the stop flags in one asynchronous all-reduce (`start_reduce`),
+    read back by `finish_reduce`; the next window starts meanwhile. In one process nothing is
+    reduced.
+
+    train/grad_norm is the mean over the window, like train/loss beside it: every step counts
+    (the last step's alone would be one batch's norm in `log_every_steps`), at no cost per step."""
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []  # summed on log steps: no tensor op per step
+        self.norms: list[torch.Tensor] = []
         self.samples = 0
         self.started = time.perf_counter()
         self._reducing: _Reduction | None = None
@@ -532,39 +566,43 @@ class _Window:
     def reducing_step(self) -> int:
         return self._reducing.step
 
-    def add(self, loss: torch.Tensor, samples: int) -> None:
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, samples: int) -> None:
         self.losses.append(loss)
+        self.norms.append(norm)
         self.samples += samples
 
     def start_reduce(self, step: int, flags: list[bool]) -> None:
-        loss_sum = torch.stack(self.losses).sum(dtype=torch.float64)
-        values, work = loss_sum, None  # one process: nothing to reduce
+        sums = torch.stack(
+            [torch.stack(t).sum(dtype=torch.float64) for t in (self.losses, self.norms)]
+        )
+        values, work = sums, None  # one process: nothing to reduce
         if several_ranks():
-            # The loss sum, then each flag as 0/1, in one tensor for one all-reduce. The flags
-            # are written on the device: no copy from host memory to wait for.
-            values = loss_sum.new_zeros(1 + len(flags))
-            values[0] = loss_sum
-            for i, flag in enumerate(flags, start=1):
+            # The sums, then each flag as 0/1, in one tensor for one all-reduce. The flags are
+            # written on the device: no copy from host memory to wait for.
+            values = sums.new_zeros(len(sums) + len(flags))
+            values[: len(sums)] = sums
+            for i, flag in enumerate(flags, start=len(sums)):
                 values[i] = float(flag)
             work = start_all_reduce_sum(values)
         now = time.perf_counter()
         speed = self.samples / max(now - self.started, 1e-9)
         self._reducing = _Reduction(step, values, work, flags, len(self.losses), speed)
-        self.losses, self.samples, self.started = [], 0, now
+        self.losses, self.norms, self.samples, self.started = [], [], 0, now
 
     def finish_reduce(self, env: DistEnv) -> tuple[dict[str, float], list[bool]]:
         """The reduced window's metrics, and the stop flags, each true if any rank's was."""
         reduction, self._reducing = self._reducing, None
-        if reduction.work is None:
-            loss_sum, flags = reduction.values.item(), reduction.flags
-        else:
+        if reduction.work is not None:
             reduction.work.wait()
-            loss_sum, *counts = reduction.values.tolist()
-            flags = [count > 0 for count in counts]
+        loss_sum, norm_sum, *counts = reduction.values.tolist()
+        flags = reduction.flags if reduction.work is None else [count > 0 for count in counts]
+        # Summed over all ranks. Under tensor parallelism the ranks of one group share a batch
+        # and compute the same loss, so each batch counts tp times: world = dp x tp. The norm is
+        # the same on every rank (DDP's averaged gradients, FSDP2's and TP's reduced norms).
+        steps = reduction.count * env.world_size
         metrics = {
-            # Summed over all ranks. Under tensor parallelism the ranks of one group share a
-            # batch and compute the same loss, so each batch counts tp times: world = dp x tp.
-            TRAIN_LOSS: loss_sum / (reduction.count * env.world_size),
+            TRAIN_LOSS: loss_sum / steps,
+            TRAIN_GRAD_NORM: norm_sum / steps,
             TRAIN_SPEED: reduction.speed,
         }
         return metrics, flags
@@ -582,6 +620,14 @@ def _measure_through(trainer: weakref.ref[Trainer]) -> Callable[..., dict[str, f
         return owner.measure(loader, split, model)
 
     return measure
+
+
+def _perplexity(mean_cross_entropy: float) -> float:
+    """exp of a mean cross-entropy; inf past float's range (a diverged loss), not an error."""
+    try:
+        return math.exp(mean_cross_entropy)
+    except OverflowError:
+        return math.inf
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -47,12 +47,20 @@ class Run:
     seconds: float  # wall time of the whole subprocess
 
 
-def launch(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> Run:
+def launch(
+    tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str], wandb_key: str = ""
+) -> Run:
+    """Run the command in a new folder; `wandb_key`: its WANDB_API_KEY (none by default, so that
+    a developer's own key does not turn wandb on)."""
     cwd = tmp_path_factory.mktemp(name)
     out = cwd / "out"
     key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
     started = time.perf_counter()
-    proc = run_cli([*args, f"{key}={out}"], cwd=cwd, timeout=240)
+    with pytest.MonkeyPatch.context() as env:  # run_cli passes os.environ on
+        env.setenv("WANDB_API_KEY", wandb_key) if wandb_key else env.delenv(
+            "WANDB_API_KEY", raising=False
+        )
+        proc = run_cli([*args, f"{key}={out}"], cwd=cwd, timeout=240)
     return Run(proc, cwd, out, time.perf_counter() - started)
 
 
@@ -67,8 +75,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- one tiny run
 
-# The default loggers (tensorboard, wandb offline, jsonl) all stay on. Checkpoints every 2 steps
-# keep the last 2 and the lowest training loss.
+# The default loggers (tensorboard, jsonl) stay on. Checkpoints every 2 steps keep the last 2 and
+# the lowest training loss.
 TINY_RUN = [
     *TINY,
     f"log_every_steps={LOG_EVERY}",
@@ -126,9 +134,22 @@ def test_summary(tiny_run):
     assert summary["parameters"] == sum(p.numel() for p in model.parameters()) > 0
 
 
+def printed_config(console: str) -> str:
+    """The YAML that the run printed as its config: the lines after the log line that says so, up
+    to the next log line."""
+    _, _, rest = console.partition("][hooktrain][INFO] - config (also in ")
+    lines = rest.splitlines()[1:]
+    end = next((i for i, line in enumerate(lines) if line.startswith("[")), len(lines))
+    return "".join(line + "\n" for line in lines[:end])
+
+
 def test_config_yaml_is_the_resolved_job_config(tiny_run):
     text = (tiny_run.out / "config.yaml").read_text()
     assert "${" not in text
+    # printed once as the run starts, on the console and in the log, as config.yaml holds it
+    assert tiny_run.proc.stdout.count("[INFO] - config (also in") == 1
+    assert printed_config(tiny_run.proc.stdout) == text
+    assert printed_config((tiny_run.out / "hooktrain_rank0.log").read_text()) == text
     cfg = OmegaConf.load(tiny_run.out / "config.yaml")
     assert cfg.max_steps == MAX_STEPS
     assert cfg.log_every_steps == LOG_EVERY
@@ -171,10 +192,34 @@ def test_tensorboard_events(tiny_run):
     assert accuracy.value == pytest.approx(summary["test/accuracy"], rel=1e-5)
 
 
-def test_wandb_offline_run_folder(tiny_run):
-    runs = list((tiny_run.out / "wandb").glob("offline-run-*"))
+def test_metrics_jsonl_has_the_gradient_norm_of_every_log_step(tiny_run):
+    rows = [r for r in read_jsonl(tiny_run.out / "metrics.jsonl") if "train/loss" in r]
+    assert all(math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0 for r in rows)
+    assert not any("perplexity" in key for r in rows for key in r)  # a classifier
+
+
+def test_wandb_is_opt_in(tiny_run):
+    assert not (tiny_run.out / "wandb").exists()
+    assert "wandb:" not in (tiny_run.out / "config.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def run_with_wandb_key(tmp_path_factory) -> Run:
+    """WANDB_API_KEY set (a fake one; WANDB_MODE=offline from the test environment): wandb is on."""
+    return ok(launch(tmp_path_factory, "wandb_key", [*TINY], wandb_key="fake-key-never-sent"))
+
+
+def test_a_wandb_key_turns_wandb_on_offline_and_says_so(run_with_wandb_key):
+    out = run_with_wandb_key.out
+    runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     assert list(runs[0].glob("run-*.wandb"))
+    assert "+logger=wandb" in OmegaConf.load(out / ".hydra/overrides.yaml")
+    config = OmegaConf.load(out / "config.yaml")
+    assert list(config.logger) == ["tensorboard", "jsonl", "wandb"]
+    assert config.logger.wandb.mode == "offline"
+    assert printed_config(run_with_wandb_key.proc.stdout) == (out / "config.yaml").read_text()
+    assert "wandb logs this run: WANDB_API_KEY is set" in run_with_wandb_key.proc.stdout
 
 
 # --------------------------------------------------------------------------- a sweep
@@ -186,7 +231,7 @@ MODELS = {"mlp": "trainer.models.MLP", "cnn": "trainer.models.CNN"}
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Run:
     args = ["-m", f"optim.lr={','.join(LRS)}", f"model={','.join(MODELS)}"]
-    args += ["max_steps=3", *TINY[1:], "logger.wandb=null"]
+    args += ["max_steps=3", *TINY[1:]]
     return ok(launch(tmp_path_factory, "sweep", args))
 
 

@@ -64,8 +64,7 @@ def test_default_config_validates_to_typed_train_config():
     assert typed.schedule is not None
     assert typed.schedule["_target_"] == "trainer.callbacks.lr_schedule.WarmupCosine"
     assert typed.parallel.strategy == "none"
-    assert set(typed.logger) == {"tensorboard", "wandb", "jsonl"}
-    assert typed.logger["wandb"]["mode"] == "offline"
+    assert set(typed.logger) == {"tensorboard", "jsonl"}  # wandb is opt-in: +logger=wandb
     assert set(typed.callbacks) == {"progress"}
     # train.yaml's own values, then the schema's defaults for what train.yaml leaves out.
     assert typed.seed == 0
@@ -95,9 +94,9 @@ def test_valid_overrides_reach_the_typed_config():
 
 
 def test_no_schedule_and_logger_entries_switched_off_are_valid():
-    typed = validate(compose_train(["~schedule", "logger.wandb=null", "callbacks=none"]))
+    typed = validate(compose_train(["~schedule", "logger.tensorboard=null", "callbacks=none"]))
     assert typed.schedule is None
-    assert typed.logger["wandb"] is None
+    assert typed.logger["tensorboard"] is None
     assert typed.callbacks == {}
 
 

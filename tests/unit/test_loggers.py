@@ -189,8 +189,8 @@ def test_progress_bar_draws_at_most_at_its_refresh_rate(tmp_path, capsys, monkey
     trainer = make_trainer(tmp_path, callbacks=[ProgressBar(refresh_per_second=1e-5)])
     trainer.fit()
     drawn = capsys.readouterr().err
-    assert " 0/16" in drawn and "16/16" in drawn
-    assert not any(f" {step}/16" in drawn for step in range(1, 16))
+    # the bar's frames ("epoch 1  8/16 ..."), not the line each validation prints above it
+    assert set(re.findall(r"epoch \d+  (\d+)/16", drawn)) == {"0", "16"}
 
 
 def test_progress_bar_draws_nothing_on_other_ranks(tmp_path, capsys):
@@ -215,8 +215,39 @@ def test_without_a_terminal_progress_is_a_plain_line_at_an_interval_and_each_epo
     trainer.fit()  # 2 epochs of 8 steps
     shown = capsys.readouterr().err  # not a terminal
     assert _shown_steps(shown) == steps
-    ends = [line for line in shown.splitlines() if "val/loss" in line]
-    assert [int(line.split("step ")[1].split("/")[0]) for line in ends] == [8, 16]
+    # From the first validation (step 8's epoch end) on, the lines show its scores.
+    scored = [line for line in shown.splitlines() if "val/loss" in line]
+    first = max(i for i, step in enumerate(steps) if step == 8)  # the epoch-end line
+    assert _shown_steps("\n".join(scored)) == steps[first:]
+
+
+class ValidationScores(Callback):
+    """(step, train/loss, val/loss, val/accuracy) as each validation ends."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float, float]] = []
+
+    def on_eval_end(self, state: TrainState) -> None:
+        names = ("train/loss", "val/loss", "val/accuracy")
+        self.seen.append((state.step, *(state.metrics[name] for name in names)))
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_each_validation_is_shown_next_to_the_training_loss(tmp_path, terminal):
+    """On a terminal a line above the bar, elsewhere the plain line at the epoch's end: the
+    training loss, val/loss and val/accuracy as the fit logged them."""
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=terminal, width=120)
+    scores = ValidationScores()
+    trainer = make_trainer(tmp_path, callbacks=[scores, ProgressBar(console=console)])
+    trainer.fit()  # 2 epochs of 8 steps, validation after each
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    lines = re.split(r"[\r\n]", plain)
+    assert [step for step, *_ in scores.seen] == [8, 16]
+    for step, train_loss, val_loss, val_accuracy in scores.seen:
+        shown = f"step {step}/16  loss {train_loss:.4f}  val/loss {val_loss:.4f}  "
+        shown += f"val/accuracy {val_accuracy:.4f}"
+        assert any(shown in line for line in lines), (shown, plain)
 
 
 def test_log_lines_print_above_the_bar_on_a_terminal(tmp_path, capsys):

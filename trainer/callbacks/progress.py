@@ -1,6 +1,9 @@
 """Progress on rank zero. On a terminal: a rich bar with step count, loss, throughput and ETA.
 Elsewhere (a SLURM or nohup log, where the bar would show nothing until the end): a plain line
-every `plain_every_s` seconds and at each epoch's end."""
+every `plain_every_s` seconds and at each epoch's end. Each validation's scores, val/loss and
+val/accuracy (val/perplexity for a sequence model), are shown next to the training loss as it
+ends: in the plain lines from then on, and on a terminal as a line printed above the bar (the bar
+itself stays one line that fits 80 columns)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from trainer.callbacks.base import Callback
+from trainer.metrics import TRAIN_LOSS, TRAIN_SPEED, eval_metrics, perplexity_metric
 from trainer.state import TrainState
+
+VAL_LOSS, VAL_ACCURACY = eval_metrics("val")
+VAL_PERPLEXITY = perplexity_metric("val")
 
 
 class ProgressBar(Callback):
@@ -103,25 +110,27 @@ class ProgressBar(Callback):
         self._show(state)
 
     def on_epoch_end(self, state: TrainState) -> None:
-        if self._show is not None and self._plain:
-            self._print(state, scores=("val/loss", "val/accuracy"))
+        # Plain lines: one at every epoch's end. On a terminal: a line above the bar where the
+        # epoch validated, which stays in the scrollback.
+        if self._show is not None and (self._plain or state.current(VAL_LOSS) is not None):
+            self._print(state)
 
     def _draw(self, state: TrainState) -> None:
         fields, metrics = {"epoch": state.epoch}, state.metrics
-        if "train/loss" in metrics:
-            fields["loss"] = f"{metrics['train/loss']:.4f}"
-        if "train/samples_per_second" in metrics:
-            fields["speed"] = f"{metrics['train/samples_per_second']:,.0f}"
+        if TRAIN_LOSS in metrics:
+            fields["loss"] = f"{metrics[TRAIN_LOSS]:.4f}"
+        if TRAIN_SPEED in metrics:
+            fields["speed"] = f"{metrics[TRAIN_SPEED]:,.0f}"
         self.progress.update(self.task, completed=state.step, refresh=True, **fields)
 
-    def _print(self, state: TrainState, scores: tuple[str, ...] = ()) -> None:
+    def _print(self, state: TrainState) -> None:
         metrics = state.metrics
         parts = [f"epoch {state.epoch}", f"step {state.step}/{state.max_steps}"]
-        if "train/loss" in metrics:
-            parts.append(f"loss {metrics['train/loss']:.4f}")
-        if "train/samples_per_second" in metrics:
-            parts.append(f"{metrics['train/samples_per_second']:,.0f} samples/s")
-        parts += [f"{name} {metrics[name]:.4f}" for name in scores if name in metrics]
+        if TRAIN_LOSS in metrics:
+            parts.append(f"loss {metrics[TRAIN_LOSS]:.4f}")
+        parts += _val_scores(metrics)
+        if TRAIN_SPEED in metrics:
+            parts.append(f"{metrics[TRAIN_SPEED]:,.0f} samples/s")
         started, first_step = self._fit_started
         if state.step > first_step:
             per_step = (time.monotonic() - started) / (state.step - first_step)
@@ -129,7 +138,8 @@ class ProgressBar(Callback):
                 f"eta {timedelta(seconds=round(per_step * (state.max_steps - state.step)))}"
             )
         self.console.print("  ".join(parts), markup=False, highlight=False, soft_wrap=True)
-        self._printed_step = state.step
+        if self._plain:
+            self._printed_step = state.step
 
     def on_fit_end(self, state: TrainState) -> None:
         # Show where the run ended, even between two updates (once: an epoch's end may have).
@@ -148,3 +158,9 @@ class ProgressBar(Callback):
             self.progress.stop()
             self.progress = None
         self._show = None
+
+
+def _val_scores(metrics: dict[str, float]) -> list[str]:
+    """The latest validation's loss and accuracy (perplexity for a sequence model), if any."""
+    second = VAL_PERPLEXITY if VAL_PERPLEXITY in metrics else VAL_ACCURACY
+    return [f"{name} {metrics[name]:.4f}" for name in (VAL_LOSS, second) if name in metrics]

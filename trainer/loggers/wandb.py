@@ -1,5 +1,7 @@
-"""Weights & Biases, offline by default: runs land in `<run dir>/wandb` and sync later with
-`wandb sync`. Set `logger.wandb.mode=online` (and log in) to stream them.
+"""Weights & Biases, opt-in (`+logger=wandb`; on by itself where WANDB_API_KEY is set, see
+docs/loggers.md) and offline unless `logger.wandb.mode` (by default WANDB_MODE) says otherwise:
+runs land in `<run dir>/wandb` and sync later with `wandb sync`. Set `logger.wandb.mode=online`
+(and log in) to stream them.
 
 One run folder is one wandb run: its id is kept in `<run dir>/wandb/run_id`, and every resumed
 attempt continues that run (wandb's resume by id)."""
