@@ -33,12 +33,14 @@ def _one_thread():
 def _test_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in TEST_ENV.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # a developer's key would turn wandb on
 
 
 def cli_env() -> dict[str, str]:
     """os.environ plus TEST_ENV, with the checkout importable and Hydra's short error format."""
     env = {**os.environ, **TEST_ENV}
     env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("WANDB_API_KEY", None)  # a developer's key would turn wandb on
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 

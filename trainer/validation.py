@@ -69,16 +69,22 @@ def build_callbacks(cfg: TrainConfig, run_dir: str | None = None) -> list[tuple[
     ]
 
 
-def check_monitors(cfg: TrainConfig, callbacks: Sequence[tuple[str, Any]], validates: bool) -> None:
+def check_monitors(
+    cfg: TrainConfig,
+    callbacks: Sequence[tuple[str, Any]],
+    validates: bool,
+    sequences: bool = True,
+) -> None:
     """Refuse a monitor (`checkpoint.best_monitor`, a callback's `monitor`) in the loop's
     namespaces (train/, val/, test/) that the fit does not log: a misspelt one would watch
     nothing, and no one would be told. The loop's metrics are listed in trainer/metrics.py.
 
     Other names belong to callbacks, which may be added in code as well as in the config, so
     they pass. A callback that logs into the loop's namespaces (say val/f1) lists those names
-    in a `logged_metrics` attribute.
+    in a `logged_metrics` attribute. `sequences`: whether the model predicts sequences
+    (perplexity is logged); True where not known yet.
     """
-    logged = fit_metrics(validates=validates, skips=cfg.nonfinite == "skip")
+    logged = fit_metrics(validates=validates, skips=cfg.nonfinite == "skip", sequences=sequences)
     for _, callback in callbacks:
         logged.extend(getattr(callback, "logged_metrics", ()))
     monitors = [("checkpoint.best_monitor", cfg.checkpoint.best_monitor)] + [

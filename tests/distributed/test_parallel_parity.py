@@ -199,6 +199,9 @@ def assert_same_loss_rows(got: list[dict], want: list[dict], log_steps: list[int
         assert got_rows[step].keys() == row.keys(), step
         assert got_rows[step]["train/loss"] == pytest.approx(row["train/loss"], rel=1e-5), step
         assert got_rows[step]["lr"] == pytest.approx(row["lr"], rel=1e-6), step
+        assert got_rows[step]["train/grad_norm"] == pytest.approx(
+            row["train/grad_norm"], rel=1e-4
+        ), step
 
 
 @pytest.mark.parametrize(
@@ -323,3 +326,6 @@ def test_torchrun_command_line(tmp_path):
         "hooktrain_rank0.log",
         "hooktrain_rank1.log",
     }
+    logs = [(run_dirs[0] / f"hooktrain_rank{r}.log").read_text() for r in (0, 1)]
+    assert [log.count("[INFO] - config (also in") for log in logs] == [1, 0]  # rank 0 only
+    assert done.stdout.count("[INFO] - config (also in") == 1

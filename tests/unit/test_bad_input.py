@@ -65,7 +65,7 @@ def test_the_metrics_a_fit_logs_are_the_ones_monitors_are_checked_against(
     trainer, _ = build_trainer(make_config(val_every_epochs=val_every_epochs), ENV, tmp_path)
     trainer.callbacks.append(names)
     trainer.fit()
-    listed = fit_metrics(validates=val_every_epochs > 0, skips=False)
+    listed = fit_metrics(validates=val_every_epochs > 0, skips=False, sequences=False)
     # "lr/" is a prefix: per-group rates appear only with several parameter groups.
     assert names.seen == {n for n in listed if not n.endswith("/")}
     assert not any(n.startswith("test/") for n in names.seen)  # the test split comes after fit
