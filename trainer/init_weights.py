@@ -60,7 +60,7 @@ def load_initial_weights(model: nn.Module, path: str, env: DistEnv) -> None:
             _load_weights_file(model, source)
         error = None
     except CheckpointError as err:
-        error = err
+        error = CheckpointError(f"init_from: {err}")  # the key, then the file and what is wrong
     # Every rank reads the same file, so they fail alike; but one that fails alone must not leave
     # the others waiting in the wrapping's collectives.
     if any_rank([error is not None], env.device)[0]:
@@ -75,7 +75,7 @@ def locate(path: Path) -> tuple[Path, str]:
         return path, "a weights file"
     if not path.is_dir():
         raise CheckpointError(
-            f"init_from: {path}: no such run folder, checkpoint folder or weights file"
+            f"{path}: no such run folder, checkpoint folder or weights file"
         )
     if (path / MANIFEST).exists():
         return path, "a checkpoint"
@@ -88,7 +88,7 @@ def locate(path: Path) -> tuple[Path, str]:
     if (path / FINAL_WEIGHTS).is_file():
         return path / FINAL_WEIGHTS, "the run's final weights: it holds no complete checkpoint"
     raise CheckpointError(
-        f"init_from: {path}: holds no complete checkpoint (checkpoints/step_*) and no "
+        f"{path}: holds no complete checkpoint (checkpoints/step_*) and no "
         f"{FINAL_WEIGHTS}"
     )
 
@@ -140,18 +140,15 @@ def _load_checkpoint(model: nn.Module, folder: Path) -> None:
         )
         set_model_state_dict(model, state)
     except (Exception, dcp.api.CheckpointException) as err:  # DCP's is a BaseException
-        raise CheckpointError(f"init_from: {folder}: could not be loaded ({_cause(err)})") from None
+        raise CheckpointError(f"{folder}: could not be loaded ({_cause(err)})") from None
 
 
 def _load_weights_file(model: nn.Module, path: Path) -> None:
-    try:
-        weights = read_weights(path)["state_dict"]
-    except CheckpointError as err:
-        raise CheckpointError(f"init_from: {err}") from None
+    weights = read_weights(path)["state_dict"]
     if not isinstance(weights, dict) or not all(
         isinstance(t, torch.Tensor) for t in weights.values()
     ):
-        raise CheckpointError(f"init_from: {path}: its state_dict is not a dict of tensors")
+        raise CheckpointError(f"{path}: its state_dict is not a dict of tensors")
     check_fits({name: tuple(t.shape) for name, t in weights.items()}, model.state_dict(), path)
     model.load_state_dict(weights, strict=True)
 
@@ -172,6 +169,6 @@ def check_fits(saved: dict[str, tuple[int, ...]], model_state: dict[str, Any], p
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(
-            f"init_from: {path}: does not fit this run's model: {problems[0]}{more}; give the "
+            f"{path}: does not fit this run's model: {problems[0]}{more}; give the "
             "model and data of the run that wrote it"
         )
