@@ -74,9 +74,7 @@ def locate(path: Path) -> tuple[Path, str]:
     if path.is_file():
         return path, "a weights file"
     if not path.is_dir():
-        raise CheckpointError(
-            f"{path}: no such run folder, checkpoint folder or weights file"
-        )
+        raise CheckpointError(f"{path}: no such run folder, checkpoint folder or weights file")
     if (path / MANIFEST).exists():
         return path, "a checkpoint"
     best = _best_checkpoint(path)
@@ -88,8 +86,7 @@ def locate(path: Path) -> tuple[Path, str]:
     if (path / FINAL_WEIGHTS).is_file():
         return path / FINAL_WEIGHTS, "the run's final weights: it holds no complete checkpoint"
     raise CheckpointError(
-        f"{path}: holds no complete checkpoint (checkpoints/step_*) and no "
-        f"{FINAL_WEIGHTS}"
+        f"{path}: holds no complete checkpoint (checkpoints/step_*) and no {FINAL_WEIGHTS}"
     )
 
 

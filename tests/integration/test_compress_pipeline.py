@@ -9,7 +9,6 @@ import importlib.util
 import json
 import logging
 import lzma
-from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +60,9 @@ def test_compress_only_compresses_a_trained_run_without_training_it(tmp_path):
     proc = run_cli([*args, *FAST_QUANTIZE, f"hydra.run.dir={compressed}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert f"init_from: model weights from {newest} (the run's newest complete checkpoint)" in output
+    assert (
+        f"init_from: model weights from {newest} (the run's newest complete checkpoint)" in output
+    )
     summary = json.loads((compressed / "summary.json").read_text())
     assert summary["steps"] == 0  # nothing trained: the fit-end stages only
     # Pruning ran at the fit's end on the dense weights: its "before" is the dense model's.
@@ -163,6 +164,9 @@ def test_compression_presets_plan_fits_their_run(preset, pruning, mode):
     assert prunable_layers(model, callbacks[pruning].exclude)
     if preset.startswith("["):  # compress_only: every epoch fine-tunes, from the first step
         assert plan["start"] == 0
-        assert _composed([f"experiment={preset}", "max_epochs=0"]).callbacks["pruning"][
-            "finetune_epochs"
-        ] == 0
+        assert (
+            _composed([f"experiment={preset}", "max_epochs=0"]).callbacks["pruning"][
+                "finetune_epochs"
+            ]
+            == 0
+        )
