@@ -20,6 +20,7 @@ from trainer.data.loaders import eval_loader, train_loader
 from trainer.distributed.env import DistEnv
 from trainer.distributed.parallelize import build_mesh, parallelize
 from trainer.errors import ConfigError
+from trainer.init_weights import load_initial_weights
 from trainer.loggers.base import Logger, LoggerGroup
 from trainer.loop import Trainer
 from trainer.losses import Loss, check_loss, flat_cross_entropy
@@ -81,6 +82,8 @@ def build_trainer(
         keep_freed_memory()
     splits = splits or build_data(cfg)
     model = (model if model is not None else build_model(cfg, splits)).to(env.device)
+    if cfg.init_from is not None:  # on the bare model: DDP replicates it, FSDP2 shards it after
+        load_initial_weights(model, cfg.init_from, env)
     inputs, targets = default_collate([splits.train[0], splits.train[1]])
     check_model_fits(model, cfg, inputs[:1].to(env.device), targets[:1].to(env.device))
     facts = {

@@ -214,6 +214,9 @@ class TrainConfig:
     val_every_epochs: int = 1  # 0 turns per-epoch validation off
     test_after_fit: bool = True
     resume: str | None = None  # null | auto | a checkpoint folder
+    # A run folder, checkpoint folder or weights file whose model weights start this run: a new
+    # run (fresh optimizer, step 0, its own folder), e.g. to compress a model trained earlier.
+    init_from: str | None = None
     # A NaN/inf loss or gradient norm: raise (naming the step) | skip the step | stop with a
     # checkpoint. (fp16's grad scaler skips such steps itself.)
     nonfinite: str = "raise"
@@ -234,7 +237,8 @@ class TrainConfig:
             "precision",
             f"must be fp32, bf16 or fp16; got {self.precision!r}",
         )
-        require(self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}")
+        # 0 trains nothing: only the fit-end stages run (compressing a model given by init_from).
+        require(self.max_epochs >= 0, "max_epochs", f"must be >= 0, got {self.max_epochs}")
         require(
             self.max_steps == -1 or self.max_steps >= 1,
             "max_steps",
@@ -274,6 +278,13 @@ class TrainConfig:
         for name, node in (("model", self.model), ("optim", self.optim)):
             require("_target_" in node, name, "needs a `_target_` (pick one from the config group)")
         require("_target_" in self.data.dataset, "data.dataset", "needs a `_target_`")
+        require(
+            not (self.resume and self.init_from),
+            "init_from",
+            f"starts a new run from {self.init_from}'s weights, and resume={self.resume} "
+            "continues one; give one of them (a stopped run started with init_from resumes "
+            "with resume=auto and init_from=null)",
+        )
         lr = self.optim.get("lr")
         if isinstance(lr, (int, float)):  # a type error is reported by check_target instead
             require(lr > 0, "optim.lr", f"must be > 0, got {lr}")

@@ -9,20 +9,23 @@ before it, e.g. pruning's), every rank takes a plain full-weight CPU copy of the
 (DDP unwrapped, FSDP2's shards gathered), quantizes it the same way from the same calibration
 batches (fixed training samples, the same on every rank, not a rank's shard), so every rank holds
 the same int8 model, and evaluates it on val and test through the loop's exact evaluation. Rank 0
-exports it as a weights-only artifact (`quantized_model.pt`, loaded back by
+exports it as a weights-only artifact (`quantized_model.pt`, and `quantized_model.pt.xz`, the
+same compressed with xz, which packs a pruned model's zeros; both loaded back by
 `trainer.compress.quantize.load_quantized`) and measures it (`trainer.compress.report`); the row
 goes to every rank, into the run's compression report (`compression_report.*` in the run folder)
 and the logs as `compression/<stage>/<metric>`. If the report has no row yet, the float model is
 measured first as the `dense` row.
 
 It holds no state: quantization happens after the last step, so a run resumed from a checkpoint
-quantizes at its end exactly as an uninterrupted one does. The other ranks wait for rank 0's
-measurement at a broadcast, which must end within `parallel.timeout_s`: keep the latency budget
-and compiling well inside it.
+quantizes at its end exactly as an uninterrupted one does. A fit that stopped to be resumed (a
+stop signal, `state.interrupted`) quantizes nothing: the resumed run will, at its own end. The
+other ranks wait for rank 0's measurement at a broadcast, which must end within
+`parallel.timeout_s`: keep the latency budget and compiling well inside it.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +40,7 @@ from trainer.callbacks.base import Callback
 from trainer.compress.quantize import (
     MODES,
     _check_quantizable,
+    compress_artifact,
     quantize,
     require_torchao,
     save_quantized,
@@ -47,6 +51,7 @@ from trainer.errors import ConfigError
 from trainer.pruning.shrink import plain_copy
 from trainer.state import TrainState
 
+log = logging.getLogger("hooktrain")
 SAMPLE_SEED = 0  # the fixed permutation of the training set that samples are taken from
 
 
@@ -122,6 +127,13 @@ class Quantize(Callback):
         _check_quantizable(model, self.mode)
 
     def on_fit_end(self, state: TrainState) -> None:
+        if state.interrupted:  # agreed across ranks: every rank skips alike
+            if state.is_global_zero:
+                log.info(
+                    "quantize: skipped, the fit stopped to be resumed; the resumed run "
+                    "quantizes at its end"
+                )
+            return
         report = CompressionReport.of(state)
         samples = self._samples(state.train_data)
         float_model = plain_copy(state.model).eval()  # a collective under FSDP2
@@ -148,6 +160,8 @@ class Quantize(Callback):
             with tempfile.TemporaryDirectory() as scratch:
                 folder = self.run_dir or Path(scratch)
                 path = save_quantized(quantized, self.mode, folder / self.artifact)
+                if self.run_dir is not None:
+                    compress_artifact(path)
                 return measure_stage(
                     self.stage,
                     quantized,
@@ -156,7 +170,8 @@ class Quantize(Callback):
                     artifact=path,
                     float_model=float_model,
                     timing=self.timing,
-                    note=f"int8 {self.mode}" + (f", {path.name}" if self.run_dir else ""),
+                    note=f"int8 {self.mode}"
+                    + (f", {path.name} (xz: {path.name}.xz)" if self.run_dir else ""),
                 )
 
         self._add(state, report, measure_quantized)

@@ -12,7 +12,8 @@ deep-copied, never changed):
 
 The artifact (`save_quantized` / `load_quantized`) loads without unpickling arbitrary code: it is
 one `torch.save` file read back with `torch.load(weights_only=True)`, holding only tensors and plain
-numbers, into a copy of the float model quantized the same way. `torch.export.save`/`load` is not
+numbers, into a copy of the float model quantized the same way (or the same file compressed with
+xz, `compress_artifact`: int8 stores a pruned model's zeros densely, and xz packs them). `torch.export.save`/`load` is not
 used: `torch.export.load` (torch 2.13) unpickles weights with `weights_only=False` where the archive
 says so, falls back to a full unpickle for example inputs, and parses shape expressions with sympy
 (an `eval`), so a crafted .pt2 runs code. Its size on disk is the deployed size. A PT2E-converted
@@ -32,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import logging
+import lzma
 import os
 import pickle
 import re
@@ -46,6 +49,7 @@ import torch
 from torch import nn
 
 from trainer.checkpoint import CheckpointError
+from trainer.compress.report import xz_compressed
 from trainer.config import ConfigError
 
 MODES = ("dynamic", "weight_only", "static")
@@ -270,6 +274,18 @@ def save_quantized(model: nn.Module, mode: str, path: str | os.PathLike) -> Path
     return path
 
 
+def compress_artifact(path: str | os.PathLike) -> Path:
+    """Write `<path>.xz`, the artifact compressed with xz: the file a pruned int8 model ships
+    as, since the artifact stores its zeros densely (one byte each). `load_quantized` reads it,
+    and so does `xz -d`. Its size is the report's `size_compressed_bytes`."""
+    path = Path(path)
+    compressed = path.with_name(path.name + ".xz")
+    partial = compressed.with_name(compressed.name + ".tmp")
+    partial.write_bytes(xz_compressed(path.read_bytes()))
+    partial.replace(compressed)
+    return compressed
+
+
 # What `save_quantized` writes for each mode.
 _ARTIFACT_KEYS = {
     "dynamic": ("tensors",),
@@ -290,9 +306,11 @@ def load_quantized(path: str | os.PathLike, float_model: nn.Module) -> nn.Module
         raise CheckpointError(f"{path}: no quantized model file")
     ao = _ao()
     try:
+        # An xz-compressed artifact (`compress_artifact`) is read back through memory.
+        source = io.BytesIO(lzma.decompress(path.read_bytes())) if path.suffix == ".xz" else path
         with torch.serialization.safe_globals(ao.safe_globals):
-            artifact = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+            artifact = torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, lzma.LZMAError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a loadable quantized model: {first}") from err
     mode = artifact.get("mode") if isinstance(artifact, Mapping) else None
