@@ -104,7 +104,12 @@ def build_trainer(
     train = train_loader(splits.train, cfg.data, env, cfg.seed)
     check_batch_fits(train, len(splits.train), cfg, env)
     # validate() assumed a validation split; the data may have none.
-    check_monitors(cfg, callbacks, validates=cfg.val_every_epochs > 0 and len(splits.val) > 0)
+    check_monitors(
+        cfg,
+        callbacks,
+        validates=cfg.val_every_epochs > 0 and len(splits.val) > 0,
+        sequences=facts["tokens_per_sample"] > 1,
+    )
     loss = build_loss(cfg, env, mesh, splits)  # after the cheap checks: it may load a teacher
     trainer = Trainer(
         model=model,

@@ -128,7 +128,7 @@ def test_keys_added_with_plus_that_the_schema_lacks_are_rejected(overrides, key)
         (["optim.lr=-1"], "optim.lr", "-1"),  # "negative learning rate rejected before training"
         (["data.batch_size=0"], "data.batch_size", ">= 1"),
         (["data.eval_batch_size=0"], "data.eval_batch_size", ">= 1"),
-        (["max_epochs=0"], "max_epochs", ">= 1"),
+        (["max_epochs=-1"], "max_epochs", ">= 0"),
         (["max_steps=0"], "max_steps", "-1"),
         (["grad_accum_steps=0"], "grad_accum_steps", ">= 1"),
         (["grad_clip=-0.5"], "grad_clip", ">= 0"),

@@ -178,8 +178,8 @@ def _fit(run_dir: Path, name: str, **top: Any) -> tuple[Trainer, Recorder]:
     recorder = Recorder()
     checkpoint = {"every_steps": 10, "keep_last": 10}
     trainer = make_trainer(
-        run_dir, callbacks=[recorder], schedule=schedule, max_epochs=epochs,
-        checkpoint=checkpoint, **top,
+        run_dir, callbacks=[recorder], schedule=schedule,
+        checkpoint=checkpoint, **{"max_epochs": epochs, **top},
     )  # fmt: skip
     trainer.fit()
     return trainer, recorder
@@ -217,6 +217,14 @@ def test_torch_scheduler_gives_torchs_values_and_resumes_exactly(tmp_path, name)
     )
     assert resumed.values == whole.values[10:]
     assert resumed.val_losses == whole.val_losses[1:]  # the first validation came before step 10
+
+
+@pytest.mark.parametrize("name", ["OneCycleLR-three-phase", "CosineAnnealingLR"])
+def test_a_fit_of_no_steps_builds_its_schedule_and_ends(tmp_path, name):
+    # max_epochs=0 (init_from, only the fit-end stages): OneCycleLR refused a length of 0
+    trainer, recorder = _fit(tmp_path, name, max_epochs=0)
+    assert trainer.state.step == 0 and recorder.values == []
+    assert trainer.callbacks[0].state_dict()["scheduler"]["last_epoch"] == 0
 
 
 def test_plateau_does_not_count_the_test_split_evaluated_after_fit(tmp_path):

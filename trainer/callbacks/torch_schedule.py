@@ -159,7 +159,9 @@ class TorchScheduler(Callback):
         length = state.max_steps
         if self.interval == "epoch":
             length = -(-state.max_steps // state.steps_per_epoch)
-        self.scheduler = build_scheduler(self.factory, state.optimizer, length)
+        # A fit of no steps (init_from with max_epochs=0) still builds a schedule, of one step:
+        # OneCycleLR and others refuse a length of 0.
+        self.scheduler = build_scheduler(self.factory, state.optimizer, max(length, 1))
         self.last_step = -1
         if saved:
             self.scheduler.load_state_dict(saved["scheduler"])
