@@ -6,7 +6,7 @@
 
 Workloads: the mlp, cnn, gru and transformer recipes on synthetic (1, 32, 32) images, 10 classes,
 with the batch sizes in `benchmarks.common.BATCH`. hooktrain runs its default job (`recipes/`:
-WarmupCosine, the rich progress bar, TensorBoard + wandb offline + jsonl loggers, AdamW,
+WarmupCosine, the rich progress bar, TensorBoard + jsonl loggers (`--override +logger=wandb` adds wandb offline), AdamW,
 grad_clip 1.0) with validation, test and checkpoints off; the plain loop
 (`benchmarks.common.PlainLoop`) does the same work.
 

@@ -44,7 +44,7 @@ BENCH_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TTY_COMPATIBLE": 
 # ------------------------------------------------------------------------------ hooktrain
 def cli_overrides(model: str, steps: int, batch: int | None = None) -> list[str]:
     """`hooktrain` overrides for the benchmark workload: the default job (WarmupCosine, the progress
-    bar, TensorBoard + wandb + jsonl, AdamW, grad_clip 1.0) without validation, test or checkpoint."""
+    bar, TensorBoard + jsonl, AdamW, grad_clip 1.0) without validation, test or checkpoint."""
     shape = ",".join(map(str, INPUT_SHAPE))
     return [
         f"model={model}",
