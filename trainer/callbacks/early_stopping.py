@@ -220,11 +220,12 @@ class EarlyStopping(Callback):
                 )
             return
         set_model_state_dict(state.model, self.best_weights)
-        # A run the command line recorded (its config.yaml rebuilds the model)
+        # A run with a record (config.yaml, written by `hooktrain` and `trainer.api.fit`)
         if self.run_dir is not None and (Path(self.run_dir) / "config.yaml").is_file():
             from trainer.export import write_best_weights
 
-            write_best_weights(state.model, self.run_dir)  # every rank: it gathers the shards
+            # every rank: it gathers the shards
+            write_best_weights(state.model, self.run_dir, state.train_data)
         if self.verbose and state.is_global_zero:
             log.info(
                 "early stopping: restored the weights of step %d (%s = %.6g)",
