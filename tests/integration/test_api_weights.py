@@ -1,9 +1,15 @@
 """The weights files of a fit from Python (`trainer.api.fit` with the user's own model and data
 objects, which config.yaml cannot rebuild): early stopping's best weights, the final weights,
-and evaluate / export / predict handed the same objects again."""
+and evaluate / export / predict handed the same objects again. The fit runs as a notebook runs
+it: a command line of the kernel's own, in a worker thread, and leaves the working folder, the
+command line and the signal handlers as they were."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +20,7 @@ from torch.utils.data import TensorDataset
 from trainer import commands
 from trainer.api import fit
 from trainer.config import ConfigError
+from trainer.stop_signals import STOP_SIGNALS
 
 # lr high enough that val/loss rises again before the budget: the best is not the last epoch
 QUICK = [
@@ -46,9 +53,22 @@ DATA = (blobs(160, 0), blobs(48, 1), blobs(48, 2))
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> tuple[Path, nn.Module, dict]:
     run_dir = tmp_path_factory.mktemp("api") / "run"
-    model = net()
-    summary = fit(model=model, data=DATA, overrides=QUICK, run_dir=run_dir)
-    return run_dir, model, summary
+    model, returned = net(), []
+    kernel_argv = ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", list(kernel_argv))
+        before = os.getcwd(), {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        worker = threading.Thread(
+            target=lambda: returned.append(
+                fit(model=model, data=DATA, overrides=QUICK, run_dir=run_dir)
+            )
+        )
+        worker.start()
+        worker.join(timeout=120)
+        assert returned, "fit in a worker thread did not return"
+        assert (os.getcwd(), {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}) == before
+        assert sys.argv == kernel_argv
+    return run_dir, model, returned[0]
 
 
 def test_restore_best_weights_writes_best_model_pt_for_objects_handed_to_fit(fitted):
