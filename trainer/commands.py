@@ -134,9 +134,8 @@ def _given(
         if node.get("_target_") == weights.GIVEN and obj is None:
             raise ConfigError(
                 f"{name}: {source.run_dir / CONFIG} records a {node.get('type')} handed to "
-                "trainer.api.fit "
-                f"as an object, which cannot be rebuilt; from Python: trainer.commands.{command}"
-                f"(..., {keyword}=...)"
+                "trainer.api.fit as an object, which cannot be rebuilt; from Python: "
+                f"trainer.commands.{command}(..., {keyword}=...)"
             )
     if model is not None and not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model: must be a torch.nn.Module; got a {type(model).__name__}")
@@ -263,11 +262,11 @@ def export(
     model, given_splits = _given(cfg, source, "export", model, splits)
     from trainer.build import build_data, build_model
 
-    splits = given_splits or build_data(cfg)
-    model = model if model is not None else build_model(cfg, splits)
+    data = given_splits or build_data(cfg)
+    model = model if model is not None else build_model(cfg, data)
     load_model_weights(source.checkpoint, model)
     return weights.write_weights(
-        model, out, weights.model_spec(cfg, splits.input_shape, splits.num_classes)
+        model, out, weights.model_spec(cfg, data.input_shape, data.num_classes)
     )
 
 

@@ -11,7 +11,7 @@ weights_only=True)` reads it without running any code the file might carry::
                                           # trainer.api.fit: {_target_: trainer.api.given,
                                           # type: <its class>})
      "input_shape": [...], "num_classes": n}   # what build.py's build_model passes the model
-                                               # (None: model and data handed to fit)
+                                               # (None: a model handed to fit)
 
     model = MyNet(...); model.load_state_dict(torch.load("model.pt", weights_only=True)["state_dict"])
 
@@ -48,24 +48,27 @@ GIVEN = "trainer.api.given"  # the `_target_` config.yaml records for an object 
 
 
 def model_spec(cfg: TrainConfig, input_shape: Any, num_classes: int | None) -> dict[str, Any]:
-    """What rebuilds the model: its node and the data's facts that build.py's build_model passes."""
+    """What rebuilds the model: its node and the data's facts that build.py's build_model passes
+    (no class count for a model handed to `trainer.api.fit`: nothing passed it one)."""
     node = OmegaConf.to_container(OmegaConf.create(dict(cfg.model)), resolve=True)
+    if node.get("_target_") == GIVEN:
+        num_classes = None
     return {"model": node, "input_shape": [int(s) for s in input_shape], "num_classes": num_classes}
 
 
 def run_spec(cfg: TrainConfig, train_data: Any = None) -> dict[str, Any]:
     """`model_spec` of a run's config. The data's facts are read from its dataset, rebuilt from
     the config, or from `train_data` (the training split the fit used) where the data was
-    handed to `trainer.api.fit` and cannot be rebuilt; the classes are then counted as fit
-    counts them, only for a model built from the config (None for a model handed in)."""
+    handed to `trainer.api.fit` and cannot be rebuilt; its classes are then counted as fit
+    counts them, for a model built from the config only."""
     from trainer.build import build_data  # build.py imports the whole trainer
     from trainer.data.datasets import as_splits
 
     if cfg.data.dataset.get("_target_") == GIVEN and train_data is not None:
-        built_here = cfg.model.get("_target_") != GIVEN
-        splits = as_splits((train_data,), "data", count_classes=built_here)
-        return model_spec(cfg, splits.input_shape, splits.num_classes if built_here else None)
-    splits = build_data(cfg)
+        count = cfg.model.get("_target_") != GIVEN
+        splits = as_splits((train_data,), "data", count_classes=count)
+    else:
+        splits = build_data(cfg)
     return model_spec(cfg, splits.input_shape, splits.num_classes)
 
 

@@ -78,7 +78,7 @@ def test_restore_best_weights_writes_best_model_pt_for_objects_handed_to_fit(fit
         "_target_": "trainer.api.given",
         "type": "torch.nn.modules.container.Sequential",
     }
-    assert saved["input_shape"] == [6]
+    assert (saved["input_shape"], saved["num_classes"]) == ([6], None)
     fresh = net()
     fresh.load_state_dict(saved["state_dict"])  # the user's class alone
     for name, tensor in model.state_dict().items():  # `model` holds the restored best weights
@@ -102,7 +102,9 @@ def test_evaluate_export_and_predict_take_the_objects_again(fitted, tmp_path):
 
     # the final checkpoint holds the last weights, which early stopping replaced by the best
     last = commands.export(run_dir, out=run_dir / "last.pt", model=net(), splits=DATA)
-    final = torch.load(last, weights_only=True)["state_dict"]
+    exported = torch.load(last, weights_only=True)
+    assert exported["model"] == torch.load(run_dir / "best_model.pt", weights_only=True)["model"]
+    final = exported["state_dict"]
     best = torch.load(run_dir / "best_model.pt", weights_only=True)["state_dict"]
     assert any(not torch.equal(final[k], best[k]) for k in best)
 
