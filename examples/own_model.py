@@ -25,4 +25,9 @@ if __name__ == "__main__":
         data=(blobs(512, 0), blobs(128, 1), blobs(128, 2)),
         overrides=["max_epochs=3", "optim.lr=1e-2", "logger=[jsonl]", *sys.argv[1:]],
     )
-    print(f"test accuracy {summary['test/accuracy']:.3f}, run folder {summary['run_dir']}")
+    # Every rank returns the same numbers (each metric is reduced over the ranks).
+    print(
+        f"test accuracy {summary['test/accuracy']:.3f}, test loss {summary['test/loss']:.4f}, "
+        f"{summary['steps']} steps on {summary['world_size']} process(es), "
+        f"run folder {summary['run_dir']}"
+    )

@@ -9,7 +9,9 @@ Each takes a run folder (its model.pt, else its newest complete checkpoint; `exp
 checkpoint), one checkpoint folder (`<run>/checkpoints/step_N`), or a weights file, and rebuilds
 the data and model from the run's config.yaml. Checkpoints are read only through the verified,
 weights-only reader (trainer/checkpoint_reader.py). Bad input ends in one line and exit code 2
-(config) or 3 (checkpoint), and nothing is written. From Python: `evaluate`, `predict`, `export`.
+(config) or 3 (checkpoint), and nothing is written. From Python: `evaluate`, `predict`, `export`;
+a run whose model or data was handed to `trainer.api.fit` as an object takes it again
+(`model=`, `splits=`), since its config.yaml cannot rebuild it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from omegaconf import OmegaConf
@@ -29,6 +31,7 @@ from trainer import export as weights
 from trainer.checkpoint import Checkpointer, CheckpointError, load_model_weights
 from trainer.checkpoint_reader import COMMITTED, MANIFEST
 from trainer.config import CheckpointConfig, ConfigError, ParallelConfig, TrainConfig, validate
+from trainer.data.datasets import DataSplits, as_splits
 from trainer.distributed.env import DistEnv, pick_device
 from trainer.run_folder import CONFIG
 
@@ -119,15 +122,40 @@ def run_config(run_dir: Path, device: str | None = None) -> TrainConfig:
     return validate(cfg, world_size=1)
 
 
-def _loaded_trainer(source: Source, device: str | None) -> Any:
-    """A Trainer built from the run's config with the source's weights in its model."""
+def _given(
+    cfg: TrainConfig, source: Source, command: str, model: Any, splits: Any
+) -> tuple[Any, DataSplits | None]:
+    """The model and splits handed in (`splits` as fit takes its `data`); ConfigError naming
+    the node when the run's config.yaml records an object handed to fit that is not here."""
+    for name, node, obj, keyword in (
+        ("model", cfg.model, model, "model"),
+        ("data.dataset", cfg.data.dataset, splits, "splits"),
+    ):
+        if node.get("_target_") == weights.GIVEN and obj is None:
+            raise ConfigError(
+                f"{name}: {source.run_dir / CONFIG} records a {node.get('type')} handed to "
+                "trainer.api.fit as an object, which cannot be rebuilt; from Python: "
+                f"trainer.commands.{command}(..., {keyword}=...)"
+            )
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model: must be a torch.nn.Module; got a {type(model).__name__}")
+    given_splits = as_splits(splits, "splits", model is None) if splits is not None else None
+    return model, given_splits
+
+
+def _loaded_trainer(
+    source: Source, device: str | None, command: str, model: Any = None, splits: Any = None
+) -> Any:
+    """A Trainer built from the run's config (or the objects handed in) with the source's
+    weights in its model."""
     from trainer.build import build_trainer  # the whole trainer: imported once input is checked
 
     cfg = run_config(source.run_dir, device)
+    model, given_splits = _given(cfg, source, command, model, splits)
     if source.weights_file is not None:
         saved = weights.read_weights(source.weights_file)  # before building: a bad file is fast
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=pick_device(cfg.device, 0))
-    trainer, _ = build_trainer(cfg, env, source.run_dir)
+    trainer, _ = build_trainer(cfg, env, source.run_dir, model, given_splits)
     trainer.logger.finish()  # no logging here
     if source.checkpoint is not None:
         load_model_weights(source.checkpoint, trainer.model)
@@ -156,15 +184,19 @@ def evaluate(
     split: str = "test",
     out: str | os.PathLike | None = None,
     device: str | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    splits: Any = None,
 ) -> dict[str, float]:
     """Loss and accuracy of the weights `path` names on `split`, exactly as the fit measures
     them (every sample counted once); also written as JSON to `out` (default:
-    `<run dir>/eval_<split>.json`)."""
+    `<run dir>/eval_<split>.json`). `model`, `splits`: the objects a run trained by
+    `trainer.api.fit` was handed (see `fit`'s `model` and `data`)."""
     source = resolve(path)
     out = Path(out) if out is not None else source.run_dir / f"eval_{split}.json"
     if out.name == SUMMARY and out.parent.resolve() == source.run_dir.resolve():
         raise ConfigError(f"--out: {out} is the run's summary, which evaluate never overwrites")
-    trainer = _loaded_trainer(source, device)
+    trainer = _loaded_trainer(source, device, "evaluate", model, splits)
     metrics = trainer.measure(_loader(trainer, split, source), split)
     result: dict[str, Any] = {**metrics, "weights": source.describe()}
     if source.checkpoint is not None:
@@ -179,14 +211,18 @@ def predict(
     split: str | None = "test",
     data: str | os.PathLike | None = None,
     device: str | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    splits: Any = None,
 ) -> dict[str, torch.Tensor]:
     """The model's logits and argmax for every sample of `split` (in the dataset's order, with
     its targets) or of `data` (a .pt file of one input tensor, samples along dim 0); saved to
-    `out` with torch.save and returned."""
+    `out` with torch.save and returned. `model`, `splits`: as for `evaluate`."""
     source = resolve(path)
     inputs = _read_inputs(Path(data)) if data is not None else None
-    trainer = _loaded_trainer(source, device)
+    trainer = _loaded_trainer(source, device, "predict", model, splits)
     if inputs is not None:
+        _check_inputs(inputs, trainer.state.train_data[0][0], Path(data))
         size = trainer.cfg.data.eval_batch_size
         batches = [(chunk, None) for chunk in inputs.split(size)]
     else:
@@ -211,21 +247,26 @@ def export(
     out: str | os.PathLike | None = None,
     best: bool = False,
     device: str | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    splits: Any = None,
 ) -> Path:
     """A plain weights file (trainer/export.py) from a checkpoint: the one `path` names, a run's
     newest, or (`best`) its `checkpoint.best_monitor` best; default `out`:
-    `<run dir>/best_model.pt` or `<run dir>/model_step_<N>.pt`."""
+    `<run dir>/best_model.pt` or `<run dir>/model_step_<N>.pt`. `model`, `splits`: as for
+    `evaluate`."""
     source = resolve(path, checkpoint_only=True, best=best)
     name = weights.BEST_WEIGHTS if best else f"model_{source.checkpoint.name}.pt"
     out = Path(out) if out is not None else source.run_dir / name
     cfg = run_config(source.run_dir, device)
+    model, given_splits = _given(cfg, source, "export", model, splits)
     from trainer.build import build_data, build_model
 
-    splits = build_data(cfg)
-    model = build_model(cfg, splits)
+    data = given_splits or build_data(cfg)
+    model = model if model is not None else build_model(cfg, data)
     load_model_weights(source.checkpoint, model)
     return weights.write_weights(
-        model, out, weights.model_spec(cfg, splits.input_shape, splits.num_classes)
+        model, out, weights.model_spec(cfg, data.input_shape, data.num_classes)
     )
 
 
@@ -234,13 +275,25 @@ def _read_inputs(path: Path) -> torch.Tensor:
     try:
         inputs = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # missing, truncated, or refused by the weights-only unpickler
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
-            f"--data: {path}: not a tensor file torch.load can read ({first})"
+            f"--data: {path}: not a tensor file torch.load can read ({weights.load_failure(err)})"
         ) from None
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or not len(inputs):
-        raise ConfigError(f"--data: {path}: must hold one tensor of inputs, samples along dim 0")
+        held = type(inputs).__name__ if not isinstance(inputs, torch.Tensor) else "an empty tensor"
+        raise ConfigError(
+            f"--data: {path}: must hold one tensor of inputs, samples along dim 0; it holds {held}"
+        )
     return inputs
+
+
+def _check_inputs(inputs: torch.Tensor, sample: torch.Tensor, path: Path) -> None:
+    """Inputs shaped and typed as the run's training inputs, or a ConfigError saying both (the
+    model's own error would be a traceback from deep inside its forward)."""
+    if inputs.shape[1:] != sample.shape or inputs.dtype != sample.dtype:
+        raise ConfigError(
+            f"--data: {path}: samples of shape {tuple(inputs.shape[1:])} and dtype "
+            f"{inputs.dtype}; the run trained on {tuple(sample.shape)} and {sample.dtype}"
+        )
 
 
 def _save(path: str | os.PathLike, obj: Any) -> None:
@@ -259,8 +312,16 @@ def _write(path: Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------- command line
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error as a ConfigError (one line, exit code 2) instead
+    of the usage text and its own line. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message.removeprefix("argument "))
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="hooktrain", description=__doc__.split("\n\n")[0])
+    top = _Parser(prog="hooktrain", description=__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True)
     where = "a run folder, a checkpoint folder (<run>/checkpoints/step_N) or a weights file"
     device = {"choices": ("auto", "cpu", "cuda"), "help": "default: the run's own"}
@@ -288,8 +349,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         if args.command == "evaluate":
             metrics = evaluate(args.path, args.split, args.out, args.device)
             print(json.dumps(metrics))

@@ -7,8 +7,11 @@ weights_only=True)` reads it without running any code the file might carry::
     {"format": "hooktrain.weights/1",
      "state_dict": {name: tensor},        # full (gathered from FSDP2 / TP shards), on CPU,
                                           # the user's module's names (no DDP / compile prefix)
-     "model": {"_target_": ..., ...},     # the run's `model` node
+     "model": {"_target_": ..., ...},     # the run's `model` node (a model handed to
+                                          # trainer.api.fit: {_target_: trainer.api.given,
+                                          # type: <its class>})
      "input_shape": [...], "num_classes": n}   # what build.py's build_model passes the model
+                                               # (None: a model handed to fit)
 
     model = MyNet(...); model.load_state_dict(torch.load("model.pt", weights_only=True)["state_dict"])
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +44,31 @@ from trainer.run_folder import CONFIG
 FORMAT = "hooktrain.weights/1"
 FINAL_WEIGHTS = "model.pt"
 BEST_WEIGHTS = "best_model.pt"
+GIVEN = "trainer.api.given"  # the `_target_` config.yaml records for an object handed to fit
 
 
-def model_spec(cfg: TrainConfig, input_shape: Any, num_classes: int) -> dict[str, Any]:
-    """What rebuilds the model: its node and the data's facts that build.py's build_model passes."""
+def model_spec(cfg: TrainConfig, input_shape: Any, num_classes: int | None) -> dict[str, Any]:
+    """What rebuilds the model: its node and the data's facts that build.py's build_model passes
+    (no class count for a model handed to `trainer.api.fit`: nothing passed it one)."""
     node = OmegaConf.to_container(OmegaConf.create(dict(cfg.model)), resolve=True)
+    if node.get("_target_") == GIVEN:
+        num_classes = None
     return {"model": node, "input_shape": [int(s) for s in input_shape], "num_classes": num_classes}
 
 
-def run_spec(cfg: TrainConfig) -> dict[str, Any]:
-    """`model_spec` of a run's config, the data's facts read from its dataset."""
+def run_spec(cfg: TrainConfig, train_data: Any = None) -> dict[str, Any]:
+    """`model_spec` of a run's config. The data's facts are read from its dataset, rebuilt from
+    the config, or from `train_data` (the training split the fit used) where the data was
+    handed to `trainer.api.fit` and cannot be rebuilt; its classes are then counted as fit
+    counts them, for a model built from the config only."""
     from trainer.build import build_data  # build.py imports the whole trainer
+    from trainer.data.datasets import as_splits
 
-    splits = build_data(cfg)
+    if cfg.data.dataset.get("_target_") == GIVEN and train_data is not None:
+        count = cfg.model.get("_target_") != GIVEN
+        splits = as_splits((train_data,), "data", count_classes=count)
+    else:
+        splits = build_data(cfg)
     return model_spec(cfg, splits.input_shape, splits.num_classes)
 
 
@@ -75,15 +91,17 @@ def write_weights(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any
 def write_final_weights(trainer: Any, run_dir: str | os.PathLike) -> Path:
     """`<run dir>/model.pt`: the weights the fit ended with (early stopping's best ones when it
     restored them). Every rank calls it after `fit()`."""
-    return write_weights(trainer.model, Path(run_dir) / FINAL_WEIGHTS, run_spec(trainer.cfg))
+    spec = run_spec(trainer.cfg, trainer.state.train_data)
+    return write_weights(trainer.model, Path(run_dir) / FINAL_WEIGHTS, spec)
 
 
-def write_best_weights(model: nn.Module, run_dir: str | os.PathLike) -> Path:
-    """`<run dir>/best_model.pt`: early stopping's best weights, the model rebuilt from the
-    run's config.yaml. Every rank calls it."""
+def write_best_weights(model: nn.Module, run_dir: str | os.PathLike, train_data: Any) -> Path:
+    """`<run dir>/best_model.pt`: early stopping's best weights, the model's node from the run's
+    config.yaml (`train_data`: the fit's training split, see `run_spec`). Every rank calls it."""
     from trainer.commands import run_config
 
-    return write_weights(model, Path(run_dir) / BEST_WEIGHTS, run_spec(run_config(Path(run_dir))))
+    spec = run_spec(run_config(Path(run_dir)), train_data)
+    return write_weights(model, Path(run_dir) / BEST_WEIGHTS, spec)
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, Any]:
@@ -94,11 +112,26 @@ def read_weights(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such weights file") from None
     except Exception as err:  # truncated, junk, or refused by the weights-only unpickler
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: not a weights file hooktrain can read ({first})") from None
+        raise CheckpointError(
+            f"{path}: not a weights file hooktrain can read ({load_failure(err)})"
+        ) from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a hooktrain weights file (no format {FORMAT!r})")
     return saved
+
+
+def load_failure(err: Exception) -> str:
+    """Why `torch.load(weights_only=True)` refused a file, in a few words: torch's own message
+    runs to several sentences (and terminal colours) for a truncated or pickled-object file."""
+    text = str(err)
+    if refused := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return f"it holds a {refused[1]}, an object a weights-only load does not build"
+    if isinstance(err, FileNotFoundError):
+        return "no such file"
+    # the weights-only unpickler's own reason, else the first sentence of torch's message
+    reason = (text.partition("WeightsUnpickler error:")[2] or text).strip()
+    words = (reason.splitlines() or [""])[0].split(". ")[0]
+    return f"not a file torch.save wrote, or a truncated one: {type(err).__name__}: {words}"
 
 
 def load_model(

@@ -36,7 +36,7 @@ TP, so the copy costs one more set of this rank's parameters and buffers on thei
 loads it back with ``set_model_state_dict`` in ``on_fit_end``, whether or not the fit stopped
 early. Only the weights are restored, never the optimizer. The final checkpoint is written before
 ``on_fit_end``, so it holds the last weights; the model in memory (and ``test_after_fit``) gets
-the best ones.
+the best ones, which are also written to ``<run dir>/best_model.pt`` (trainer/export.py).
 
 ``state_dict()`` saves the best value, ``wait_count``, the stopped step and the number of checks;
 the best weights are NOT saved. After a resume, ``restore_best_weights`` can only restore an
@@ -220,11 +220,12 @@ class EarlyStopping(Callback):
                 )
             return
         set_model_state_dict(state.model, self.best_weights)
-        # A run the command line recorded (its config.yaml rebuilds the model)
+        # A run with a record (config.yaml, written by `hooktrain` and `trainer.api.fit`)
         if self.run_dir is not None and (Path(self.run_dir) / "config.yaml").is_file():
             from trainer.export import write_best_weights
 
-            write_best_weights(state.model, self.run_dir)  # every rank: it gathers the shards
+            # every rank: it gathers the shards
+            write_best_weights(state.model, self.run_dir, state.train_data)
         if self.verbose and state.is_global_zero:
             log.info(
                 "early stopping: restored the weights of step %d (%s = %.6g)",
