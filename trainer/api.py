@@ -110,7 +110,11 @@ def compose_config(
 def given(type: str, **_: Any) -> NoReturn:  # noqa: A002 - the key config.yaml shows
     """The `_target_` recorded for a model or dataset handed to `fit` (`type` says its class).
     `fit` uses the object itself; a config that names this can only be trained from Python."""
-    raise ConfigError(f"{type} was handed to trainer.api.fit as an object; pass it again")
+    raise ConfigError(
+        f"{type} was handed to trainer.api.fit as an object; load the weights file's state_dict "
+        "into that class, or hand the object again "
+        "(trainer.commands.evaluate(..., model=..., splits=...))"
+    )
 
 
 def _given_splits(data: Any, count_classes: bool) -> tuple[DataSplits, int | None]:

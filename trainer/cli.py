@@ -124,8 +124,7 @@ def run(
             # The weights as one plain file; every rank calls it (it gathers shards).
             from trainer.export import write_final_weights
 
-            if model is None and splits is None:  # rebuilt from the config: not a given object
-                write_final_weights(fit_trainer, run_dir)
+            write_final_weights(fit_trainer, run_dir)
             summary = _summarise(fit_trainer, facts, started, run_dir)
             numbers = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
             fit_trainer.logger.log_metrics(numbers, state.step)
