@@ -18,13 +18,14 @@ from tests.faults import SendSignal
 from tests.pruning_models import pruning_config
 from trainer.build import build_trainer
 from trainer.callbacks.base import Callback
-from trainer.callbacks.pruning import MODEL_FILE, Pruning
+from trainer.callbacks.pruning import Pruning
 from trainer.config import CheckpointConfig
 from trainer.distributed.env import DistEnv
 from trainer.models import CNN, MLP
 from trainer.pruning import masks as M
 from trainer.pruning.report import cpu_latency_ms, csr_bytes, size_report
 from trainer.pruning.shrink import export
+from trainer.pruning.stages import MODEL_FILE
 from trainer.state import TrainState
 
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,21 +43,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.data import Dataset, default_collate
 
 from trainer.callbacks.base import Callback
-from trainer.compress.report import CompressionReport, Timing, measure_stage
+from trainer.compress.report import Timing
 from trainer.distributed.env import several_ranks
 from trainer.distributed.parallelize import unwrap
 from trainer.pruning import graph as G
 from trainer.pruning import masks as M
 from trainer.pruning.report import flat_metrics, size_report
-from trainer.pruning.shrink import full_state_dict, parameter_count, plain_copy
+from trainer.pruning.shrink import (
+    check_exact,
+    full_state_dict,
+    parameter_count,
+    plain_copy,
+    save_pruned,
+    shrink,
+)
+from trainer.pruning.stages import Stages, broadcast_object, fixed_samples
 from trainer.state import TrainState
 
 SCHEDULES = ("oneshot", "gradual")
-MODEL_FILE = "pruned_model.pt"
-SAMPLE_SEED = 0  # the fixed permutation of the training set that measured samples come from
 
 log = logging.getLogger("hooktrain.pruning")
 
@@ -86,7 +90,7 @@ class Pruning(Callback):
         report_dir: folder for the exported model and the compression report (rank 0 writes);
             None: `run_dir` if the trainer supplies one, else nothing is written.
         export: write `pruned_model.pt` (unstructured: the full state dict, zeros included;
-            structured: the shrunk model, read back with `trainer.pruning.graph.load_pruned`).
+            structured: the shrunk model, read back with `trainer.pruning.shrink.load_pruned`).
         latency_batches, latency_repeats, latency_budget_s, compiled_latency: CPU latency of
             each report row, as `Quantize` measures it; `latency_repeats=0` adds no rows.
         run_dir: the run folder, when the trainer injects it.
@@ -141,10 +145,10 @@ class Pruning(Callback):
                 G.torch_pruning()
             except ValueError as err:
                 raise ValueError(f"pruning.method: {err}") from None
-        self.timing: Timing | None = None
+        timing = None
         if latency_repeats:
             try:
-                self.timing = Timing(
+                timing = Timing(
                     batch_sizes=tuple(latency_batches),
                     repeats=latency_repeats,
                     budget_s=latency_budget_s,
@@ -164,7 +168,7 @@ class Pruning(Callback):
         self.exclude = list(exclude)
         folder = report_dir if report_dir is not None else run_dir
         self.report_dir = Path(folder) if folder is not None else None
-        self.export = export
+        self._stages = Stages(timing, self.report_dir if export else None, self.report_dir)
 
         # What a checkpoint keeps (state_dict): the full masks (True = kept) by parameter name,
         # structured: the removed channels of each group, the sparsity they reach, and where in
@@ -248,7 +252,12 @@ class Pruning(Callback):
         self._plan = self.plan(state.max_steps, state.steps_per_epoch)
         if structured:
             plain = plain_copy(state.model).eval()  # a collective under FSDP2: every rank
-            self._find_groups(plain, self._samples(state, 2, plain))
+            self._find_groups(plain, fixed_samples(state, 2, plain))
+            touched = {s.param for group in self._groups for s in group.slices}
+            self._weights = [name for name in self._weights if name in touched]
+            if state.is_global_zero and self._skipped:
+                left = "; ".join(f"{root}'s group ({why})" for root, why in self._skipped.items())
+                log.info("pruning: not pruned: %s", left)
         if self.masks:  # resumed: the checkpoint's masks hold from here on
             missing = set(self.masks) - set(self._params)
             _check(not missing, "masks", f"the checkpoint masks name unknown params {missing}")
@@ -280,15 +289,12 @@ class Pruning(Callback):
         self.finished = True  # the zeros are plain zeros in the weights from now on: permanent
         self._local = {}
         if self.final_step is not None and state.step > self.final_step:
-            self._add_row(state, "fine-tuned", "trained with the masks held")
-        if self.timing is None:  # no rows measured: export the final model all the same
-            plain = plain_copy(state.model).eval()  # a collective under FSDP2: every rank
-            self._on_rank_zero(state, lambda: self._export(plain) and None)
+            self._stages.add(state, "fine-tuned", "trained with the masks held", self._deployed)
+        if self._stages.timing is None:  # no rows measured: export the final model all the same
+            self._stages.export(state, self._deployed)
         self.report = self._summary(state)
         state.log(flat_metrics(self.report))
-        report = state.compression
-        if state.is_global_zero and self.report_dir is not None and report is not None:
-            report.write(self.report_dir, state.step)
+        self._stages.write_report(state)
 
     # ------------------------------------------------------------------------------ pruning
     @torch.no_grad()
@@ -296,18 +302,19 @@ class Pruning(Callback):
         """Compute masks reaching `target` from the full weights (every rank, same order) and
         apply them; previously pruned weights stay pruned. The report's `dense` row is measured
         before the first pruning, its `pruned` row once `target` is the final sparsity."""
-        if not self.pruned_steps and not CompressionReport.of(state).rows:
-            self._add_row(state, "dense", "before pruning")
+        if not self.pruned_steps:  # (a later stage of a compression pipeline has rows before)
+            self._stages.add(state, "dense", "before pruning", only_first=True)
         if self.method == "unstructured":
             full = {name: _full(self._params[name]).detach() for name in self._weights}
             previous = {n: self.masks[n] for n in self._weights if n in self.masks}
             new = M.unstructured_masks(full, target, scope=self.scope, previous=previous)
             self.masks = {name: mask.cpu() for name, mask in _broadcast(new).items()}
         else:
-            names = {s.param for group in self._groups for s in group.slices}
+            # In the groups' order, the same on every rank: each full_tensor is a collective.
+            names = list(dict.fromkeys(s.param for group in self._groups for s in group.slices))
             full = {name: _full(self._params[name]).detach() for name in names}
             removed = G.choose(self._groups, full, target, norm=self.norm, previous=self.removed)
-            self.removed = _broadcast_object(removed)
+            self.removed = broadcast_object(removed)
             shapes = {name: self._params[name].shape for name in names}
             self.masks = G.group_masks(self._groups, self.removed, shapes)
         self.sparsity = target
@@ -322,7 +329,7 @@ class Pruning(Callback):
         )
         if target >= self.final:
             self.final_step = state.step
-            self._add_row(state, "pruned", f"{self.method} {self.final:.0%}")
+            self._stages.add(state, "pruned", f"{self.method} {self.final:.0%}", self._deployed)
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -358,68 +365,16 @@ class Pruning(Callback):
             )
         if not self._checked:
             weights = dict(plain.named_parameters())
-            G.check_exact(plain, self._groups, G.choose(self._groups, weights, 0.5), self._example)
+            check_exact(plain, self._groups, G.choose(self._groups, weights, 0.5), self._example)
             self._checked = True
 
     # ------------------------------------------------------------------------------ report
-    def _add_row(self, state: TrainState, stage: str, note: str) -> None:
-        """Measure the model as it is now as the report's `stage` row (rank 0 measures, every
-        rank adds the same row); the model's own accuracy through `state.measure`."""
-        report = CompressionReport.of(state)
-        if self.timing is None or report.row(stage) is not None:
-            return
-        accuracy = _accuracy(state)
-        plain = plain_copy(state.model).eval()  # a collective under FSDP2: every rank
-        samples = self._samples(state, max(self.timing.batch_sizes), plain)
-
-        def measure() -> dict[str, Any]:
-            if stage == "dense":
-                return measure_stage(
-                    stage, plain, samples, accuracy=accuracy, timing=self.timing, note=note
-                )
-            with tempfile.TemporaryDirectory() as scratch:
-                deployed, artifact = self._export(plain, Path(scratch))
-                kept = artifact.parent != Path(scratch)
-                return measure_stage(
-                    stage,
-                    deployed,
-                    samples,
-                    accuracy=accuracy,
-                    artifact=artifact,
-                    timing=self.timing,
-                    note=f"{note}, {artifact.name}" if kept else note,
-                )
-
-        report.add(state, self._on_rank_zero(state, measure))
-
-    def _on_rank_zero(self, state: TrainState, work: Callable[[], Any]) -> Any:
-        """`work()` on rank 0, its result on every rank; its ValueError raised on every rank."""
-        box: Any = None
-        if state.is_global_zero:
-            try:
-                box = ("ok", work())
-            except ValueError as err:
-                box = ("error", str(err))
-        kind, value = _broadcast_object(box)
-        if kind == "error":
-            raise ValueError(value)
-        return value
-
-    def _export(
-        self, plain: nn.Module, scratch: Path | None = None
-    ) -> tuple[nn.Module, Path | None]:
-        """Rank 0: the pruned model as deployed and its artifact `pruned_model.pt`, written in
-        `report_dir` (with `export`), else in `scratch` (None: not written)."""
-        deployed, write = self._deployed(plain)
-        folder = self.report_dir if self.report_dir is not None and self.export else scratch
-        return deployed, write(folder / MODEL_FILE) if folder is not None else None
-
     def _deployed(self, plain: nn.Module) -> tuple[nn.Module, Callable[[Path], Path]]:
         """The pruned model as deployed and how its artifact is written: structured, the shrunk
         model (`save_pruned`); unstructured, the full state dict with its zeros."""
         if self.method == "structured":
-            small = G.check_exact(plain, self._groups, self.removed, self._example).eval()
-            return small, lambda path: G.save_pruned(path, small, self.removed, self._example)
+            small = check_exact(plain, self._groups, self.removed, self._example).eval()
+            return small, lambda path: save_pruned(path, small, self.removed, self._example)
 
         def write(path: Path) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -442,27 +397,14 @@ class Pruning(Callback):
             summary["removed"] = dict(self.removed)
             summary["groups_skipped"] = dict(self._skipped)
             if state.is_global_zero:  # the same on every rank: the shapes come from `removed`
-                small = G.shrink(plain_copy(state.model, weights), self.removed, self._example)
+                small = shrink(plain_copy(state.model, weights), self.removed, self._example)
                 summary["shrunk_params"] = parameter_count(small)
                 summary["shrunk_shapes"] = {k: list(v.shape) for k, v in small.state_dict().items()}
                 summary["size_bytes"]["shrunk"] = sum(
                     t.numel() * t.element_size() for t in small.state_dict().values()
                 )
-            summary = _broadcast_object(summary)
+            summary = broadcast_object(summary)
         return summary
-
-    def _samples(self, state: TrainState, count: int, model: nn.Module) -> torch.Tensor:
-        """Inputs of a fixed permutation of the training set (the same on every rank), repeated
-        where it is smaller; without one, random inputs of the model's `input_shape`."""
-        data: Dataset | None = state.train_data
-        if data is not None and len(data) > 0:
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SAMPLE_SEED))
-            inputs, _ = default_collate([data[int(i)] for i in order[:count]])
-            return inputs.cpu()
-        shape = getattr(model, "input_shape", None)
-        if not shape:
-            raise ValueError("pruning: no training samples and no model.input_shape to trace")
-        return torch.randn(count, *shape, generator=torch.Generator().manual_seed(SAMPLE_SEED))
 
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -510,17 +452,6 @@ def _ignored_layers(model: nn.Module, exclude: Sequence[str]) -> list[str]:
     return sorted({*last, *(n for n in layers if any(p.search(n) for p in patterns))})
 
 
-def _accuracy(state: TrainState) -> dict[str, float]:
-    """The model's val and test metrics now: through `state.measure` (every rank), else the
-    latest validation's."""
-    if state.measure is None:
-        return {k: v for k, v in state.metrics.items() if k.startswith(("val/", "test/"))}
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        metrics.update(state.measure(split) or {})
-    return metrics
-
-
 def _broadcast(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rank 0's masks on every rank (in the dict's order, the same on every rank)."""
     if not several_ranks():
@@ -531,12 +462,3 @@ def _broadcast(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dist.broadcast(data, src=0)
         out[name] = data.bool()
     return out
-
-
-def _broadcast_object(value: Any) -> Any:
-    """Rank 0's `value` on every rank."""
-    if not several_ranks():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

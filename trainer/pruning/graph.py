@@ -7,7 +7,8 @@ Pruning finds the groups by tracing one forward (`channel_groups`). Each group i
 plain data, a `ChannelGroup`: for every parameter entry the group would remove, which of the
 group's units (a channel; a whole head in attention) it belongs to. From that, masks and ranking
 are tensor indexing on the weights alone, the same on every rank (`choose`, `group_masks`), and
-the physical shrink replays the chosen channels on Torch-Pruning's graph (`shrink`).
+the physical shrink replays the chosen channels on Torch-Pruning's graph
+(`trainer.pruning.shrink.shrink`).
 
 Masking every entry a removal would remove (the writers' rows and the readers' columns) makes the
 masked model compute exactly what the shrunk one computes, whatever elementwise ops lie between.
@@ -17,22 +18,16 @@ What cannot work that way is refused or skipped, never shrunk wrongly:
   channel changes the statistics of the others) is left unpruned (`skipped`);
 - a layer Torch-Pruning cannot shrink (grouped convolutions, LSTM, an unknown module with
   parameters) raises ValueError naming it;
-- Torch-Pruning does not update a model's own head count: `shrink` sets it (`nn.MultiheadAttention`
-  `num_heads`, and a module's `num_heads` beside its q/k/v layers), and `check_exact` compares
-  the shrunk model's outputs with the masked model's, naming the module where they differ.
-
-`save_pruned` writes the shrunk model as a weights-only file (its state dict, the removed channels
-of each group and an example input); `load_pruned` rebuilds it from a fresh dense model.
+- a forward that depends on the channel count (a head count of its own) is found by
+  `trainer.pruning.shrink.check_exact`, which names the module.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -43,7 +38,6 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from trainer.pruning.masks import pruned_count
 
-ARTIFACT_FORMAT = "hooktrain.pruned_model.v1"
 # Normalizations whose statistics mix the channels they see: a group through one is not pruned.
 CHANNEL_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
@@ -326,145 +320,3 @@ def masked_copy(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     for name, mask in masks.items():
         params[name].mul_(mask.to(params[name].device, params[name].dtype))
     return model
-
-
-# ----------------------------------------------------------------------------------- shrinking
-
-
-def shrink(
-    model: nn.Module, removed: Mapping[str, Sequence[int]], example: torch.Tensor
-) -> nn.Module:
-    """A smaller copy of a plain `model` without the `removed` channels of each group (replayed on
-    Torch-Pruning's graph), with the head counts of its attention modules set to match."""
-    small = copy.deepcopy(model)
-    training = small.training
-    heads = _head_counts(small)
-    graph = dependency_graph(small, example)
-    for module in heads:
-        if isinstance(module, nn.MultiheadAttention):
-            module.num_heads = 1  # Torch-Pruning asserts embed_dim % num_heads; set right below
-    for root, channels in removed.items():
-        if channels:
-            module = small.get_submodule(root)
-            handler = graph.get_pruner_of_module(module).prune_out_channels
-            graph.get_pruning_group(module, handler, list(channels)).prune(record_history=False)
-    _set_head_counts(heads)
-    small.train(training)
-    return small
-
-
-def _head_counts(model: nn.Module) -> dict[nn.Module, tuple[int, dict[str, int]]]:
-    """{attention module: (head size or count, widths of its Linear children)} before shrinking."""
-    out = {}
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention):
-            out[module] = (module.head_dim, {})
-        elif isinstance(getattr(module, "num_heads", None), int):
-            widths = {
-                n: m.out_features for n, m in module.named_children() if isinstance(m, nn.Linear)
-            }
-            out[module] = (module.num_heads, widths)
-    return out
-
-
-def _set_head_counts(heads: Mapping[nn.Module, tuple[int, dict[str, int]]]) -> None:
-    """Torch-Pruning leaves a module's own head count as it was: set it from the kept width (whole
-    heads were removed, so the head size is unchanged)."""
-    for module, (value, widths) in heads.items():
-        if isinstance(module, nn.MultiheadAttention):
-            module.head_dim = value
-            module.num_heads = module.embed_dim // value
-            continue
-        for child, width in widths.items():
-            now = module.get_submodule(child).out_features
-            if now != width and (now * value) % width == 0:
-                module.num_heads = now * value // width
-                break
-
-
-def check_exact(
-    model: nn.Module,
-    groups: Sequence[ChannelGroup],
-    removed: Mapping[str, Sequence[int]],
-    example: torch.Tensor,
-) -> nn.Module:
-    """The shrunk model, after checking that it computes the masked model's outputs on
-    `example`; ValueError naming the module of the first group where it does not."""
-    masks = group_masks(groups, removed, {n: p.shape for n, p in model.named_parameters()})
-    small = shrink(model, removed, example)
-    if _max_difference(masked_copy(model, masks), small, example) is None:
-        return small
-    for group in groups:  # find the culprit: one group at a time
-        alone = {group.root: removed.get(group.root, [])}
-        mask = group_masks([group], alone, {n: p.shape for n, p in model.named_parameters()})
-        gap = _max_difference(masked_copy(model, mask), shrink(model, alone, example), example)
-        if gap is not None:
-            culprit = _culprit(model, group)
-            raise ValueError(
-                f"structured pruning: removing the channels of {culprit} (the group of "
-                f"{group.root!r}: {', '.join(group.members)}) changes the model's outputs (max abs "
-                f"difference {gap:.3g}): its forward depends on their count (e.g. a head count of "
-                f"its own); add {group.root!r} to callbacks.pruning.exclude"
-            )
-    raise ValueError(
-        "structured pruning: the shrunk model's outputs differ from the masked model's"
-    )
-
-
-def _culprit(model: nn.Module, group: ChannelGroup) -> str:
-    """The group's attention module (its own head count is the usual cause), else its root."""
-    for name in group.members:
-        owner = name.rpartition(".")[0]
-        for candidate in (name, owner):
-            module = model.get_submodule(candidate)
-            if isinstance(module, nn.MultiheadAttention) or hasattr(module, "num_heads"):
-                return f"{type(module).__name__} {candidate!r}"
-    return f"{type(model.get_submodule(group.root)).__name__} {group.root!r}"
-
-
-@torch.no_grad()
-def _max_difference(a: nn.Module, b: nn.Module, example: torch.Tensor) -> float | None:
-    """None when `a` and `b` give the same outputs (to float rounding), else the max gap."""
-    try:
-        x, y = a.eval()(example), b.eval()(example)
-    except Exception:  # a shape that no longer fits: the forward counted the channels
-        return float("inf")
-    if x.shape != y.shape:
-        return float("inf")
-    scale = max(1.0, float(x.abs().max()))
-    gap = float((x - y).abs().max())
-    return None if gap <= 1e-4 * scale else gap
-
-
-# ----------------------------------------------------------------------------------- files
-
-
-def save_pruned(
-    path: str | os.PathLike,
-    small: nn.Module,
-    removed: Mapping[str, Sequence[int]],
-    example: torch.Tensor,
-) -> Path:
-    """Write the shrunk model without pickling code: its state dict, the removed channels of each
-    group (by root layer) and the example input its graph is traced with."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {
-        "format": ARTIFACT_FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in small.state_dict().items()},
-        "removed": {root: [int(c) for c in channels] for root, channels in removed.items()},
-        "example": example[:1].detach().cpu(),
-    }
-    torch.save(data, path)
-    return path
-
-
-def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """The shrunk model saved by `save_pruned`, from `model`, a fresh dense model built from the
-    same config: the removal replayed, then the state dict loaded (`weights_only=True`)."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path}: not a pruned model file ({ARTIFACT_FORMAT})")
-    small = shrink(model, data["removed"], data["example"])
-    small.load_state_dict(data["state_dict"])
-    return small
