@@ -46,6 +46,8 @@ MODELS: dict[str, tuple[Any, tuple[int, ...]]] = {
         (1, 8, 8),
     ),
     "resnet": (lambda: ResNet1d(input_shape=(2, 16), num_classes=CLASSES), (2, 16)),
+    # sigmoid(0) != 0: exact because the next layer's columns are masked too
+    "sigmoid": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Sigmoid(), nn.Linear(8, CLASSES)), (6,)),
     "mha": (lambda: AttentionClassifier(input_shape=(5, 6), num_classes=CLASSES), (5, 6)),
     "transformer": (
         lambda: TransformerClassifier(

@@ -234,9 +234,16 @@ class Pruning(Callback):
         shrunk exactly (needs an example input: the model's `input_shape`; else the check runs
         at `on_fit_start` on training samples)."""
         shape = getattr(model, "input_shape", None)
-        if self.method == "structured" and shape:
-            example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-            self._find_groups(plain_copy(model).eval(), example)
+        if self.method != "structured" or not shape:
+            return
+        plain = plain_copy(model).eval().cpu()
+        example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                plain(example)
+        except Exception:  # it takes other inputs (token ids): checked on real samples later
+            return
+        self._find_groups(plain, example)
 
     def on_fit_start(self, state: TrainState) -> None:
         model = unwrap(state.model)
