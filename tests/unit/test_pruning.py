@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from tests.faults import SendSignal
-from tests.pruning_models import pruning_config
+from tests.pruning_models import FAST_ROWS, pruning_config
 from trainer.build import build_trainer
 from trainer.callbacks.base import Callback
 from trainer.callbacks.pruning import Pruning
@@ -299,6 +299,27 @@ def test_report_rows_measure_dense_before_and_pruned_after(tmp_path):
     after = trainer.measure(trainer.val_loader, "val")["val/accuracy"]
     assert rows[1]["val_accuracy"] == after
     assert rows[0]["nonzeros"] > rows[1]["nonzeros"]
+
+
+def test_pruning_then_quantize_gives_one_row_per_stage(tmp_path):
+    """callbacks=[pruning, quantize]: quantize finds pruning's rows and adds its own after them
+    (it labels nothing `dense` but the model before pruning)."""
+    pytest.importorskip("torchao")
+    quantize = {
+        "_target_": "trainer.callbacks.quantize.Quantize",
+        "mode": "dynamic",
+        **FAST_ROWS,
+    }
+    cfg = _config(tmp_path, {"sparsity": 0.8, "report_dir": str(tmp_path)}, max_epochs=1)
+    cfg.callbacks["quantize"] = quantize
+    trainer, _ = build_trainer(cfg, ENV, tmp_path)
+    state = trainer.fit()
+    rows = state.compression.rows
+    assert [row["stage"] for row in rows] == ["dense", "pruned", "quantized_dynamic"]
+    dense, pruned, _ = rows
+    assert dense["nonzeros"] == dense["params"] > pruned["nonzeros"]
+    table = (tmp_path / "compression_report.md").read_text()
+    assert "| pruned |" in table and "| quantized_dynamic |" in table
 
 
 def test_interrupted_fit_leaves_pruning_to_the_resumed_run(tmp_path):

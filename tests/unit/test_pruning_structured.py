@@ -131,6 +131,9 @@ def test_shrunk_model_computes_the_masked_models_outputs(kind):
         assert small.blocks[0].attn.q.out_features == 8  # 2 of 4 heads of 4 channels
     if kind == "mha":  # Torch-Pruning leaves num_heads: shrink sets it, the head size stays
         assert (small.attn.num_heads, small.attn.head_dim, small.attn.embed_dim) == (2, 4, 8)
+        small.attn.num_heads = 4  # as Torch-Pruning leaves it: 4 heads of 2, silently wrong
+        with torch.no_grad():
+            assert (small(x) - masked(x)).abs().max() > 1e-3
     if kind in ("resnet", "cnn_bn"):  # a pruned channel is zero after its BatchNorm
         for name, norm in masked.named_modules():
             if isinstance(norm, _BatchNorm):
