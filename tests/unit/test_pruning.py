@@ -1,12 +1,11 @@
 """Pruning (`trainer.pruning`, `trainer.callbacks.pruning.Pruning`) against references computed in
 each test: exact counts, torch.nn.utils.prune's own masks, the cubic schedule's closed form, the
-masked model's outputs, and an uninterrupted run for resume."""
+masked model's outputs, and an uninterrupted run for resume. Structured pruning (channel groups,
+shrinking): tests/unit/test_pruning_structured.py."""
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +14,21 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from tests.faults import SendSignal
+from tests.pruning_models import FAST_ROWS, pruning_config
 from trainer.build import build_trainer
 from trainer.callbacks.base import Callback
-from trainer.callbacks.pruning import MODEL_FILE, REPORT_FILE, SHRUNK_FILE, Pruning
-from trainer.compress.batchnorm import batchnorm_pairs
-from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
+from trainer.callbacks.pruning import Pruning
+from trainer.config import CheckpointConfig
 from trainer.distributed.env import DistEnv
 from trainer.models import CNN, MLP
 from trainer.pruning import masks as M
 from trainer.pruning.report import cpu_latency_ms, csr_bytes, size_report
-from trainer.pruning.shrink import export, parameter_count, shrink
+from trainer.pruning.shrink import export
+from trainer.pruning.stages import MODEL_FILE
 from trainer.state import TrainState
 
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-PRUNING = "trainer.callbacks.pruning.Pruning"
 
 
 def _weights(seed: int = 0, ties: bool = False) -> dict[str, torch.Tensor]:
@@ -89,11 +89,6 @@ def test_masks_equal_torch_prune():
     masks = M.unstructured_masks(weights, 0.7, scope="global")
     for n, layer in layers.items():
         assert torch.equal(masks[n], layer.weight_mask.bool()), n
-    for n, w in weights.items():
-        module = nn.Linear(1, 1)
-        module.weight = nn.Parameter(w.clone())
-        prune.ln_structured(module, "weight", amount=0.5, n=2, dim=0)
-        assert torch.equal(M.structured_masks({n: w}, 0.5)[n], module.weight_mask.bool()), n
 
 
 def test_previous_masks_are_kept_and_counts_stay_exact():
@@ -115,24 +110,6 @@ def test_previous_masks_are_kept_and_counts_stay_exact():
             kept = torch.cat([moved[n].abs()[second[n]] for n in group])
             newly = torch.cat([moved[n].abs()[first[n] & ~second[n]] for n in group])
             assert kept.min() >= newly.max()
-
-
-@pytest.mark.parametrize("norm", [1, 2])
-@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.9])
-def test_structured_masks_drop_whole_rows_of_smallest_norm(sparsity, norm):
-    weights = _weights(seed=4)
-    masks = M.structured_masks(weights, sparsity, norm=norm)
-    for name, w in weights.items():
-        rows = masks[name].flatten(1)
-        assert (rows.all(1) | ~rows.any(1)).all(), "a row is partly pruned"
-        alive = rows.all(1)
-        assert int((~alive).sum()) == round(sparsity * w.shape[0])
-        norms = w.flatten(1).norm(p=norm, dim=1)
-        assert norms[alive].min() >= norms[~alive].max()
-    # Gradual: the rows pruned before stay pruned, and the count is exact.
-    more = M.structured_masks(weights, min(sparsity + 0.3, 1.0), norm=norm, previous=masks)
-    for name in weights:
-        assert not (more[name] & ~masks[name]).any()
 
 
 def test_prunable_layers_and_exclude():
@@ -175,27 +152,8 @@ def test_cubic_schedule_against_closed_form(s_i, s_f, t0, dt, n):
 # ------------------------------------------------------------------------------- a real Trainer
 
 
-def _config(tmp_path: Path, pruning: dict[str, Any], **top: Any) -> TrainConfig:
-    fields: dict[str, Any] = {
-        "data": DataConfig(
-            dataset={"_target_": "trainer.data.datasets.synthetic", "num_samples": 512},
-            batch_size=32,
-            eval_batch_size=128,
-        ),
-        "model": {"_target_": "trainer.models.MLP"},
-        "optim": {"_target_": "torch.optim.AdamW", "lr": 3e-3},
-        "schedule": None,
-        "parallel": ParallelConfig(),
-        "callbacks": {"pruning": {"_target_": PRUNING, "latency_repeats": 3, **pruning}},
-        "logger": {},
-        "checkpoint": CheckpointConfig(save_final=False),
-        "device": "cpu",
-        "max_epochs": 4,
-        "log_every_steps": 4,
-        "test_after_fit": False,
-    }
-    fields.update(top)
-    return TrainConfig(**fields)
+def _config(tmp_path: Path, pruning: dict[str, Any], **top: Any):
+    return pruning_config(tmp_path, pruning, **top)
 
 
 def _fit(tmp_path: Path, pruning: dict[str, Any], extra: list[Callback] = (), **top: Any):
@@ -251,20 +209,30 @@ def test_trainer_gradual_pruning_reaches_target(tmp_path):
         assert seen == pytest.approx(expected, abs=2 / total), step
     values = [probe.by_step[s] for s in sorted(probe.by_step)]
     assert values == sorted(values)
-    # The report: in state.metrics (-> the loggers) and on disk, with the exported model.
+    # The summary: in state.metrics (-> the loggers); the rows of the compression report: the
+    # dense model right before the first pruning, at the final sparsity, at the end.
     report = cb.report
     assert report["sparsity"] == pytest.approx(final, abs=1e-12)
     assert set(report["layers"]) == set(names)
-    # Accuracy is measured through state.measure just before the first prune and at the
-    # end of the fine-tune.
-    before, after = report["accuracy"]["before"], report["accuracy"]["after"]
-    assert before["source"] == after["source"] == "evaluated"
-    assert before["step"] == cb.pruned_steps[0] and after["step"] == state.max_steps
-    assert 0 <= before["val/accuracy"] <= 1 and 0 <= after["val/accuracy"] <= 1
-    assert (tmp_path / "report" / REPORT_FILE).is_file()
-    assert (tmp_path / "report" / MODEL_FILE).is_file()
     assert report["size_bytes"]["sparse_csr"] < report["size_bytes"]["dense"]
-    assert state.metrics["pruning/accuracy/after/val/accuracy"] == after["val/accuracy"]
+    rows = {row["stage"]: row for row in state.compression.rows}
+    assert list(rows) == ["dense", "pruned", "fine-tuned"]
+    total_params = sum(p.numel() for p in trainer.model.parameters())
+    assert rows["dense"]["nonzeros"] == rows["dense"]["params"] == total_params
+    pruned_zeros = round(0.9 * total)
+    assert (
+        rows["pruned"]["nonzeros"] == rows["fine-tuned"]["nonzeros"] == total_params - pruned_zeros
+    )
+    assert rows["fine-tuned"]["size_sparse_bytes"] < rows["dense"]["size_bytes"]
+    for row in rows.values():
+        assert 0 <= row["val_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1
+    assert (
+        state.metrics["compression/fine-tuned/val_accuracy"] == rows["fine-tuned"]["val_accuracy"]
+    )
+    # The artifact is the full state dict, zeros included; the report files are written.
+    saved = torch.load(tmp_path / "report" / MODEL_FILE, weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in trainer.model.state_dict().items())
+    assert (tmp_path / "report" / "compression_report.json").is_file()
 
 
 class MaskProbe(Callback):
@@ -290,6 +258,7 @@ class MaskProbe(Callback):
 @pytest.mark.parametrize("method", ["unstructured", "structured"])
 def test_masks_are_held_through_finetuning(tmp_path, method):
     pruning = {"sparsity": 0.6, "finetune_epochs": 2, "method": method, "scope": "layer"}
+    pruning["latency_repeats"] = 0  # no report rows: only the masks are looked at here
     trainer, _ = build_trainer(_config(tmp_path, pruning, max_epochs=3), ENV, tmp_path)
     (cb,) = trainer.callbacks
     before, after = MaskProbe(cb, expect_zero=False), MaskProbe(cb, expect_zero=True)
@@ -298,74 +267,83 @@ def test_masks_are_held_through_finetuning(tmp_path, method):
     spe = state.steps_per_epoch
     assert cb.pruned_steps == [spe]  # before the first step of the first fine-tune epoch
     assert before.checked == after.checked == 2 * spe
-    assert cb.report["accuracy"]["before"]["step"] == spe
-    assert cb.report["accuracy"]["after"]["step"] == 3 * spe
+    assert cb.final_step == spe
     if method == "structured":  # the biases of pruned rows are held at zero too
         params = dict(trainer.model.named_parameters())
-        for weight, (bias,) in cb._rows.items():
-            dead = ~cb.masks[weight].any(1)
+        for layer in ("net.1", "net.4"):
+            dead = ~cb.masks[f"{layer}.weight"].any(1)
             assert dead.sum() == round(0.6 * len(dead))
-            assert torch.count_nonzero(params[bias][dead]) == 0
+            assert torch.count_nonzero(params[f"{layer}.bias"][dead]) == 0
 
 
-def test_oneshot_after_training_and_structured_export(tmp_path):
-    pruning = {
-        "sparsity": 0.5,
-        "method": "structured",
-        "scope": "layer",
-        "report_dir": str(tmp_path / "out"),
-    }
-    trainer, state = _fit(tmp_path, pruning, max_epochs=1)
+def test_report_rows_measure_dense_before_and_pruned_after(tmp_path):
+    """Oneshot at the fit's end: the dense row is the model right before pruning, the pruned row
+    right after, both evaluated through `state.measure` at that moment; no fine-tuned row."""
+    cfg = _config(tmp_path, {"sparsity": 0.9}, max_epochs=1)
+    trainer, _ = build_trainer(cfg, ENV, tmp_path)
     (cb,) = trainer.callbacks
-    assert cb.pruned_steps == [state.max_steps]  # on_fit_end, after the last validation
-    # The pruned model is evaluated on the spot (state.measure): the same numbers as the
-    # trainer's own evaluation of the model it now holds.
-    after = cb.report["accuracy"]["after"]
-    assert after["step"] == state.max_steps
-    assert after["val/accuracy"] == trainer.measure(trainer.val_loader, "val")["val/accuracy"]
-    shapes = cb.report["shrunk_shapes"]
-    assert shapes["net.1.weight"] == [128, 64] and shapes["net.4.weight"] == [128, 128]
-    assert shapes["net.7.weight"] == [10, 128]
-    assert cb.report["shrunk_params"] < cb.report["params"]
-    # The shrunk export loads (weights_only) into a smaller MLP that computes the same outputs.
-    small = MLP(input_shape=(64,), num_classes=10, hidden=(128, 128))
-    small.load_state_dict(torch.load(tmp_path / "out" / SHRUNK_FILE, weights_only=True))
-    x = torch.randn(32, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(small.eval()(x), trainer.model.eval()(x), rtol=0, atol=1e-6)
+    seen: list[float] = []
+    measure = trainer.state.measure
 
-
-def test_accuracy_before_and_after_through_state_evaluate(tmp_path):
-    """With a `measure(split)` on the TrainState, the report holds
-    the accuracy of the dense model right before pruning and of the pruned model right after."""
-    trainer, _ = build_trainer(_config(tmp_path, {"sparsity": 0.9}, max_epochs=1), ENV, tmp_path)
-    (cb,) = trainer.callbacks
-    seen: list[tuple[int, float]] = []
-
-    def evaluate(split: str) -> dict[str, float]:  # a quiet evaluation: no hooks, no logging
-        loader = {"val": trainer.val_loader, "test": trainer.test_loader}[split]
-        model = trainer.model.eval()
-        correct = count = 0
-        with torch.no_grad():
-            for x, y in loader:
-                correct += int((model(x).argmax(-1) == y).sum())
-                count += len(y)
-        seen.append((trainer.state.step, _weight_sparsity(model, cb._weights)))
-        return {f"{split}/accuracy": correct / count}
+    def evaluate(split: str, model: nn.Module | None = None) -> dict[str, float]:
+        seen.append(_weight_sparsity(trainer.model, cb._weights))
+        return measure(split, model)
 
     trainer.state.measure = evaluate
     state = trainer.fit()
-    before, after = cb.report["accuracy"]["before"], cb.report["accuracy"]["after"]
-    assert before["source"] == after["source"] == "evaluated"
-    assert set(before) >= {"val/accuracy", "test/accuracy"} and set(after) >= set(before)
+    assert cb.pruned_steps == [state.max_steps]
+    rows = state.compression.rows
+    assert [row["stage"] for row in rows] == ["dense", "pruned"]
     pruned = pytest.approx(0.9, abs=1e-4)
-    assert [sp for _, sp in seen] == [0.0, 0.0, pruned, pruned]  # val, test before; then after
-    assert state.metrics["pruning/accuracy/after/test/accuracy"] == after["test/accuracy"]
+    assert seen == [0.0, 0.0, pruned, pruned]  # val, test before; then after
+    after = trainer.measure(trainer.val_loader, "val")["val/accuracy"]
+    assert rows[1]["val_accuracy"] == after
+    assert rows[0]["nonzeros"] > rows[1]["nonzeros"]
+
+
+def test_pruning_then_quantize_gives_one_row_per_stage(tmp_path):
+    """callbacks=[pruning, quantize]: quantize finds pruning's rows and adds its own after them
+    (it labels nothing `dense` but the model before pruning)."""
+    pytest.importorskip("torchao")
+    quantize = {
+        "_target_": "trainer.callbacks.quantize.Quantize",
+        "mode": "dynamic",
+        **FAST_ROWS,
+    }
+    cfg = _config(tmp_path, {"sparsity": 0.8, "report_dir": str(tmp_path)}, max_epochs=1)
+    cfg.callbacks["quantize"] = quantize
+    trainer, _ = build_trainer(cfg, ENV, tmp_path)
+    state = trainer.fit()
+    rows = state.compression.rows
+    assert [row["stage"] for row in rows] == ["dense", "pruned", "quantized_dynamic"]
+    dense, pruned, _ = rows
+    assert dense["nonzeros"] == dense["params"] > pruned["nonzeros"]
+    table = (tmp_path / "compression_report.md").read_text()
+    assert "| pruned |" in table and "| quantized_dynamic |" in table
+
+
+def test_interrupted_fit_leaves_pruning_to_the_resumed_run(tmp_path):
+    """A stop signal ends the fit early to be resumed: its on_fit_end neither prunes nor
+    measures; the resumed run prunes at its own end, as an uninterrupted run does."""
+    ckpt = CheckpointConfig(save_final=False)
+    kw = {"max_epochs": 1, "checkpoint": ckpt}
+    trainer, state = _fit(tmp_path, {"sparsity": 0.5}, [SendSignal("SIGTERM", 3)], **kw)
+    (cb, _) = trainer.callbacks
+    assert state.interrupted and state.step == 3
+    assert cb.pruned_steps == [] and not cb.finished and state.compression is None
+    assert not (tmp_path / MODEL_FILE).exists()
+    resumed, state = _fit(tmp_path, {"sparsity": 0.5}, resume="auto", **kw)
+    (cb,) = resumed.callbacks
+    assert cb.pruned_steps == [state.max_steps] and cb.finished
+    assert [row["stage"] for row in state.compression.rows] == ["dense", "pruned"]
+    assert (tmp_path / MODEL_FILE).is_file()
 
 
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="scope=layer"):
         Pruning(method="structured")
+    with pytest.raises(ValueError, match="latency"):
+        Pruning(latency_repeats=2)
     with pytest.raises(ValueError, match="sparsity"):
         Pruning(sparsity=1.0)
     with pytest.raises(ValueError, match="initial_sparsity"):
@@ -389,7 +367,7 @@ def test_state_dict_round_trip(tmp_path):
     assert fresh.masks.keys() == cb.masks.keys()
     assert all(torch.equal(fresh.masks[k], cb.masks[k]) for k in cb.masks)
     assert fresh.sparsity == cb.sparsity and fresh.pruned_steps == cb.pruned_steps
-    assert fresh.state_dict()["before"] == cb.state_dict()["before"]
+    assert fresh.state_dict()["final_step"] == cb.state_dict()["final_step"] == cb.final_step
 
 
 class CrashAt(Callback):
@@ -419,158 +397,7 @@ def test_resumed_run_continues_identically(tmp_path):
     assert state.metrics["pruning/sparsity"] == straight.state.metrics["pruning/sparsity"]
 
 
-# ------------------------------------------------------------------------------- shrink, export
-
-
-def _structurally_pruned(model: nn.Module, sparsity: float) -> nn.Module:
-    """The masks the callback applies: rows of the weights, and their biases and BatchNorm
-    entries (`row_parameters`)."""
-    layers = M.prunable_layers(model, structured=True)
-    masks = M.structured_masks({n: m.weight for n, m in layers}, sparsity)
-    rows = M.row_masks(masks)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, module in layers:
-            module.weight.mul_(masks[name])
-            for follower in M.row_parameters(model, layers)[f"{name}.weight"]:
-                params[follower].mul_(rows[name])
-    return model
-
-
-@pytest.mark.parametrize(
-    ("make", "shape"),
-    [
-        (lambda: MLP(input_shape=(40,), num_classes=10, hidden=(64, 48)), (40,)),
-        (lambda: CNN(input_shape=(1, 40), num_classes=10, channels=(8, 16), hidden=32), (1, 40)),
-        (lambda: CNN(input_shape=(1, 8, 8), num_classes=10, channels=(8, 16), hidden=0), (1, 8, 8)),
-    ],
-)
-def test_shrink_gives_identical_outputs_with_fewer_params(make, shape):
-    torch.manual_seed(0)
-    model = _structurally_pruned(make().eval(), 0.5)
-    small = shrink(model).eval()
-    x = torch.randn(64, *shape)
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-6)
-    assert parameter_count(small) < 0.5 * parameter_count(model)
-    for name, layer in M.prunable_layers(model, structured=True):
-        kept = int(layer.weight.flatten(1).any(1).sum())
-        assert dict(small.named_modules())[name].weight.shape[0] == kept
-
-
-# The reference models with BatchNorm: class, arguments, input shape (10 classes).
-BATCHNORM_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[int, ...]]] = {
-    "mlp": (MLP, {"hidden": (64, 48)}, (40,)),
-    "cnn1d": (CNN, {"channels": (8, 16), "hidden": 32}, (1, 40)),
-    "cnn2d": (CNN, {"channels": (8, 16), "hidden": 0}, (1, 8, 8)),
-}
-
-
-def _batchnorm_model(kind: str, widths: Sequence[int] | None = None) -> nn.Module:
-    """The `kind` model with BatchNorm; `widths`: its pruned layers' widths instead."""
-    cls, kwargs, shape = BATCHNORM_MODELS[kind]
-    if widths is not None:  # the pruned layers: the MLP's hidden Linears; the CNN's convs, fc
-        if cls is MLP:
-            kwargs = {"hidden": tuple(widths)}
-        else:
-            kwargs = {"channels": tuple(widths[:2]), "hidden": widths[2] if kwargs["hidden"] else 0}
-    return cls(input_shape=shape, num_classes=10, batch_norm=True, **kwargs)
-
-
-def _kept_widths(model: nn.Module) -> list[int]:
-    return [
-        int(layer.weight.flatten(1).any(1).sum())
-        for _, layer in M.prunable_layers(model, structured=True)
-    ]
-
-
-@pytest.mark.parametrize("kind", BATCHNORM_MODELS)
-def test_shrink_removes_batchnorm_entries_with_their_channels(kind):
-    shape = BATCHNORM_MODELS[kind][2]
-    torch.manual_seed(0)
-    model = _batchnorm_model(kind)
-    with torch.no_grad():  # BatchNorms far from their init: statistics of a few batches
-        for norm in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-            norm.weight.uniform_(0.5, 2.0)
-            norm.bias.normal_()
-        for _ in range(3):
-            model(3 * torch.randn(32, *shape) + 1)
-    model = _structurally_pruned(model.eval(), 0.5)
-    small = shrink(model).eval()
-    x = torch.randn(64, *shape)
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-6)
-    # The shrunk model is the reference model of the kept widths, its BatchNorms included:
-    # the same names and shapes (a strict load), so the same parameter count.
-    twin = _batchnorm_model(kind, _kept_widths(model))
-    twin.load_state_dict(small.state_dict())
-    assert parameter_count(twin) == parameter_count(small) < 0.5 * parameter_count(model)
-
-
-class BatchNormOutputs(Callback):
-    """Hooks every BatchNorm of the model: `outputs[name]` is its latest output."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.outputs: dict[str, torch.Tensor] = {}
-        for name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.register_forward_hook(self._keep(name))
-
-    def _keep(self, name: str):
-        def hook(module, args, output):
-            self.outputs[name] = output.detach()
-
-        return hook
-
-
-@pytest.mark.parametrize("kind", ["mlp", "cnn1d"])
-def test_structured_pruning_with_batchnorm_zeroes_channels_and_shrinks(tmp_path, kind):
-    """A pruned channel is exactly zero after its BatchNorm (whose weight and bias are masked
-    with it), in training and in eval; the shrunk model drops the BatchNorm entries too and
-    computes the masked model's outputs."""
-    cls, kwargs, input_shape = BATCHNORM_MODELS[kind]
-    model = {"_target_": f"trainer.models.{cls.__name__}", **kwargs, "batch_norm": True}
-    pruning = {"method": "structured", "scope": "layer", "sparsity": 0.5, "finetune_epochs": 1}
-    dataset = {"_target_": "trainer.data.datasets.synthetic", "num_samples": 512}
-    data = DataConfig(dataset={**dataset, "input_shape": list(input_shape)}, batch_size=32)
-    cfg = _config(tmp_path, pruning, model=model, data=data, max_epochs=2)
-    trainer, _ = build_trainer(cfg, ENV, tmp_path)
-    (cb,) = trainer.callbacks
-    trainer.fit()
-    net = trainer.model
-    pairs = {f"{layer}.weight": norm for layer, norm in batchnorm_pairs(net).items()}
-    assert len(pairs) == 2  # each hidden Linear or conv; the CNN's hidden fc has none
-    for weight in cb._weights:  # masked with the rows: BatchNorm's entries, else the bias
-        norm = pairs.get(weight)
-        expected = (
-            [f"{norm}.weight", f"{norm}.bias"] if norm else [weight[: -len("weight")] + "bias"]
-        )
-        assert cb._rows[weight] == expected
-
-    probe = BatchNormOutputs(net)
-    x = torch.randn(64, *input_shape)
-    for training in (True, False):
-        with torch.no_grad():
-            net.train(training)(x)
-        for weight, norm in pairs.items():
-            dead = ~cb.masks[weight].flatten(1).any(1)
-            assert dead.sum() == round(0.5 * len(dead))
-            assert torch.count_nonzero(probe.outputs[norm][:, dead]) == 0, (norm, training)
-
-    net.eval()
-    small = shrink(net).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-6)
-    twin = _batchnorm_model(kind, _kept_widths(net))
-    twin.load_state_dict(small.state_dict())
-    assert "shrink_skipped" not in cb.report
-    assert cb.report["shrunk_params"] == parameter_count(twin) == parameter_count(small)
-
-
-def test_shrink_refuses_what_it_cannot_follow():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2))  # sigmoid(0) != 0
-    with pytest.raises(ValueError, match="Sigmoid"):
-        shrink(model)
+# ------------------------------------------------------------------------------- export
 
 
 def test_export_round_trip_preserves_sparsity(tmp_path):
@@ -605,10 +432,3 @@ def test_report_sizes_and_latency():
     ms = cpu_latency_ms(model, torch.randn(16, 40), repeats=5)
     assert 0 < ms < 1000 and math.isfinite(ms)
     assert torch.get_num_threads() == 1
-
-
-def test_dense_copy_is_untouched_by_shrink():
-    model = _structurally_pruned(MLP(input_shape=(8,), num_classes=3, hidden=(6,)), 0.5)
-    before = copy.deepcopy(model.state_dict())
-    shrink(model)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -4,6 +4,7 @@
     callbacks=[progress,pruning_gradual]           # Zhu & Gupta's cubic schedule during training
     callbacks.pruning.sparsity=0.9 callbacks.pruning.finetune_epochs=5
     callbacks.pruning.method=structured callbacks.pruning.scope=layer
+    'callbacks=[progress,pruning,quantize]'        # prune, then quantize the result
 
 When it prunes (`schedule`), with E = max_epochs (or max_steps / steps_per_epoch) and
 f = `finetune_epochs`:
@@ -17,17 +18,24 @@ f = `finetune_epochs`:
 
 Masks are computed from the full weights (gathered from FSDP2 shards, a collective), identical on
 every rank (rank 0's are broadcast), held by this callback and multiplied into the weights after
-every optimizer step, so pruned weights stay exactly zero. No `torch.nn.utils.prune`
-reparametrization is left on the model (it would break DDP and FSDP2). At `on_fit_end` the final
-sparsity is reached if it was not yet (an early stop), the zeros are final, and the report
-(sparsity per layer and overall, parameters, size, CPU latency, accuracy before and after) is
-logged as `pruning/...` metrics and written, with the exported model, to `report_dir`.
+every optimizer step, so pruned weights stay exactly zero. Structured pruning masks the coupled
+channel groups of Torch-Pruning's dependency graph (`trainer.pruning.graph`: residual sums,
+attention heads), and exports the physically shrunk model, checked to compute the masked
+model's outputs. No `torch.nn.utils.prune` reparametrization is left on the model (it would
+break DDP and FSDP2). At `on_fit_end` the final sparsity is reached if it was not yet (an early
+stop) and the zeros are final.
+
+The run's compression report (`trainer.compress.report`) gets this callback's rows: `dense`
+right before the first pruning, `pruned` when the final sparsity is reached, and `fine-tuned` at
+`on_fit_end` when steps were trained after that; rank 0 measures each and every rank adds the
+same row. Per-layer sparsity is logged as `pruning/...` metrics.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +45,26 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.callbacks.base import Callback
+from trainer.compress.report import Timing
 from trainer.distributed.env import several_ranks
 from trainer.distributed.parallelize import unwrap
+from trainer.pruning import graph as G
 from trainer.pruning import masks as M
-from trainer.pruning.report import cpu_latency_ms, flat_metrics, size_report, write_report
-from trainer.pruning.shrink import full_state_dict, parameter_count, plain_copy, shrink
+from trainer.pruning.report import flat_metrics, size_report
+from trainer.pruning.shrink import (
+    check_exact,
+    full_state_dict,
+    parameter_count,
+    plain_copy,
+    save_pruned,
+    shrink,
+)
+from trainer.pruning.stages import Stages, broadcast_object, fixed_samples
 from trainer.state import TrainState
 
 SCHEDULES = ("oneshot", "gradual")
-REPORT_FILE = "pruning_report.json"
-MODEL_FILE = "pruned_model.pt"
-SHRUNK_FILE = "pruned_model_shrunk.pt"
+
+log = logging.getLogger("hooktrain.pruning")
 
 
 class Pruning(Callback):
@@ -55,26 +72,27 @@ class Pruning(Callback):
 
     Args:
         sparsity: the final fraction s_f of the selected weights set to zero (structured: of the
-            rows / output channels of each pruned layer).
+            units of each channel group: channels, or whole heads of attention).
         method: `unstructured` (single weights by |w|, torch's L1Unstructured) or `structured`
-            (whole rows / output channels by Ln norm, torch's LnStructured; their biases and the
-            entries of the BatchNorm that follows them too, so that a pruned channel is zero).
-        scope: `global` (one |w| threshold over all pruned layers) or `layer` (each layer to
-            `sparsity`). Structured pruning ranks rows within each layer: it needs `layer`.
-        norm: n of the Ln norm ranking rows / channels for structured pruning.
+            (whole channel groups of Torch-Pruning's dependency graph, by the Ln norm of all the
+            entries removed with them: the writers' rows, biases and BatchNorm entries, the
+            readers' columns).
+        scope: `global` (one |w| threshold over all pruned layers) or `layer` (each layer, or
+            each channel group, to `sparsity`). Structured pruning needs `layer`.
+        norm: n of the Ln norm ranking channel groups' units for structured pruning.
         schedule: `oneshot` or `gradual` (the cubic schedule of Zhu & Gupta, 2017).
         initial_sparsity: s_i, the sparsity of the first gradual pruning step.
         start_epoch: gradual pruning starts at the first step of this epoch (t0).
         every_steps: Δt, optimizer steps between gradual pruning steps.
         finetune_epochs: epochs trained at the final sparsity with the masks held, at the end.
-        exclude: regexes searched in module names; matching layers are not pruned (structured
-            pruning always leaves the output layer alone).
-        report_dir: folder for `pruning_report.json` and the exported model (rank 0 writes);
+        exclude: regexes searched in module names; matching layers are not pruned (structured:
+            their output channels, and so the groups holding them; the output layer always).
+        report_dir: folder for the exported model and the compression report (rank 0 writes);
             None: `run_dir` if the trainer supplies one, else nothing is written.
-        export: write `pruned_model.pt` (full state dict; structured: also the shrunk model's
-            `pruned_model_shrunk.pt`).
-        latency_batch, latency_repeats: CPU latency is the median of `latency_repeats` forward
-            passes of a batch of `latency_batch` random inputs on one thread (0 repeats: skip).
+        export: write `pruned_model.pt` (unstructured: the full state dict, zeros included;
+            structured: the shrunk model, read back with `trainer.pruning.shrink.load_pruned`).
+        latency_batches, latency_repeats, latency_budget_s, compiled_latency: CPU latency of
+            each report row, as `Quantize` measures it; `latency_repeats=0` adds no rows.
         run_dir: the run folder, when the trainer injects it.
     """
 
@@ -94,8 +112,10 @@ class Pruning(Callback):
         exclude: Sequence[str] = (),
         report_dir: str | None = None,
         export: bool = True,
-        latency_batch: int = 256,
+        latency_batches: Sequence[int] = (1, 256),
         latency_repeats: int = 30,
+        latency_budget_s: float = 20.0,
+        compiled_latency: bool = True,
         run_dir: str | None = None,
     ) -> None:
         _check(0.0 <= sparsity < 1.0, "sparsity", f"must be in [0, 1), got {sparsity}")
@@ -109,7 +129,7 @@ class Pruning(Callback):
         _check(
             not (method == "structured" and scope == "global"),
             "scope",
-            "structured pruning ranks the rows / channels within each layer: set scope=layer",
+            "structured pruning ranks the units within each channel group: set scope=layer",
         )
         _check(schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {schedule!r}")
         _check(every_steps >= 1, "every_steps", f"must be >= 1, got {every_steps}")
@@ -120,6 +140,22 @@ class Pruning(Callback):
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"pruning.exclude: bad regex {pattern!r} ({err})") from None
+        if method == "structured":
+            try:
+                G.torch_pruning()
+            except ValueError as err:
+                raise ValueError(f"pruning.method: {err}") from None
+        timing = None
+        if latency_repeats:
+            try:
+                timing = Timing(
+                    batch_sizes=tuple(latency_batches),
+                    repeats=latency_repeats,
+                    budget_s=latency_budget_s,
+                    compiled=compiled_latency,
+                )
+            except ValueError as err:
+                raise ValueError(f"pruning.latency: {err}") from None
         self.final = float(sparsity)
         self.method = method
         self.scope = scope
@@ -132,26 +168,26 @@ class Pruning(Callback):
         self.exclude = list(exclude)
         folder = report_dir if report_dir is not None else run_dir
         self.report_dir = Path(folder) if folder is not None else None
-        self.export = export
-        self.latency_batch = latency_batch
-        self.latency_repeats = latency_repeats
+        self._stages = Stages(timing, self.report_dir if export else None, self.report_dir)
 
         # What a checkpoint keeps (state_dict): the full masks (True = kept) by parameter name,
-        # the sparsity they reach, and where in the schedule the run is.
+        # structured: the removed channels of each group, the sparsity they reach, and where in
+        # the schedule the run is.
         self.masks: dict[str, torch.Tensor] = {}
+        self.removed: dict[str, list[int]] = {}
         self.sparsity = 0.0
         self.pruned_steps: list[int] = []
-        self.before: dict[str, Any] | None = None  # accuracy before the first pruning
-        self.validated_since_pruning = False
+        self.final_step: int | None = None  # the step at which the final sparsity was reached
         self.finished = False
-        self.report: dict[str, Any] = {}
+        self.report: dict[str, Any] = {}  # the summary logged as pruning/... at the fit's end
 
         self._params: dict[str, nn.Parameter] = {}
         self._local: dict[str, torch.Tensor] = {}  # masks shaped like each (local) parameter
         self._weights: list[str] = []
-        # Structured: weight name -> the 1-D parameters masked with its rows (its bias, and the
-        # weight and bias of the BatchNorm after it).
-        self._rows: dict[str, list[str]] = {}
+        self._groups: list[G.ChannelGroup] = []  # structured: the coupled channel groups
+        self._skipped: dict[str, str] = {}  # structured: group root -> why it is not pruned
+        self._example: torch.Tensor | None = None  # structured: the input graphs are traced with
+        self._checked = False  # structured: shrinking was checked to be exact on this model
 
     # ------------------------------------------------------------------------------ schedule
     def plan(self, max_steps: int, steps_per_epoch: int) -> dict[str, int | None]:
@@ -193,6 +229,22 @@ class Pruning(Callback):
         )
 
     # ------------------------------------------------------------------------------ hooks
+    def check_model(self, model: nn.Module) -> None:
+        """Structured: refuse, before anything trains, a model whose channel groups cannot be
+        shrunk exactly (needs an example input: the model's `input_shape`; else the check runs
+        at `on_fit_start` on training samples)."""
+        shape = getattr(model, "input_shape", None)
+        if self.method != "structured" or not shape:
+            return
+        plain = plain_copy(model).eval().cpu()
+        example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                plain(example)
+        except Exception:  # it takes other inputs (token ids): checked on real samples later
+            return
+        self._find_groups(plain, example)
+
     def on_fit_start(self, state: TrainState) -> None:
         model = unwrap(state.model)
         structured = self.method == "structured"
@@ -204,8 +256,15 @@ class Pruning(Callback):
             )
         self._params = dict(model.named_parameters())
         self._weights = [f"{name}.weight" for name, _ in layers]
-        self._rows = M.row_parameters(model, layers) if structured else {}
         self._plan = self.plan(state.max_steps, state.steps_per_epoch)
+        if structured:
+            plain = plain_copy(state.model).eval()  # a collective under FSDP2: every rank
+            self._find_groups(plain, fixed_samples(state, 2, plain))
+            touched = {s.param for group in self._groups for s in group.slices}
+            self._weights = [name for name in self._weights if name in touched]
+            if state.is_global_zero and self._skipped:
+                left = "; ".join(f"{root}'s group ({why})" for root, why in self._skipped.items())
+                log.info("pruning: not pruned: %s", left)
         if self.masks:  # resumed: the checkpoint's masks hold from here on
             missing = set(self.masks) - set(self._params)
             _check(not missing, "masks", f"the checkpoint masks name unknown params {missing}")
@@ -224,42 +283,49 @@ class Pruning(Callback):
         if state.step == state.max_steps:  # no step follows: a pruning step due now is taken
             self.on_step_start(state)  # here, before the last validation sees the model
 
-    def on_eval_end(self, state: TrainState) -> None:
-        if self.pruned_steps:
-            self.validated_since_pruning = True
-
     def on_fit_end(self, state: TrainState) -> None:
         if self.finished:
+            return
+        if state.interrupted:  # the resumed run prunes, measures and exports at its own end
+            if state.is_global_zero:
+                log.info("pruning: the fit was interrupted; the resumed run finishes pruning")
             return
         if self.sparsity < self.final:  # oneshot at the end, or a fit stopped early
             self.prune(state, self.final)
         self.apply()
         self.finished = True  # the zeros are plain zeros in the weights from now on: permanent
         self._local = {}
-        self.report = self._report(state)
+        if self.final_step is not None and state.step > self.final_step:
+            self._stages.add(state, "fine-tuned", "trained with the masks held", self._deployed)
+        if self._stages.timing is None:  # no rows measured: export the final model all the same
+            self._stages.export(state, self._deployed)
+        self.report = self._summary(state)
         state.log(flat_metrics(self.report))
-        if state.is_global_zero:
-            self.write()
+        self._stages.write_report(state)
 
     # ------------------------------------------------------------------------------ pruning
     @torch.no_grad()
     def prune(self, state: TrainState, target: float) -> None:
         """Compute masks reaching `target` from the full weights (every rank, same order) and
-        apply them; previously pruned weights stay pruned."""
-        if self.before is None:
-            self.before = self._accuracy(state)
-        full = {name: _full(self._params[name]).detach() for name in self._weights}
-        previous = {n: self.masks[n] for n in self._weights if n in self.masks}
+        apply them; previously pruned weights stay pruned. The report's `dense` row is measured
+        before the first pruning, its `pruned` row once `target` is the final sparsity."""
+        if not self.pruned_steps:  # (a later stage of a compression pipeline has rows before)
+            self._stages.add(state, "dense", "before pruning", only_first=True)
         if self.method == "unstructured":
+            full = {name: _full(self._params[name]).detach() for name in self._weights}
+            previous = {n: self.masks[n] for n in self._weights if n in self.masks}
             new = M.unstructured_masks(full, target, scope=self.scope, previous=previous)
+            self.masks = {name: mask.cpu() for name, mask in _broadcast(new).items()}
         else:
-            new = M.structured_masks(full, target, norm=self.norm, dim=0, previous=previous)
-            rows = M.row_masks(new)
-            new.update({p: rows[weight] for weight, names in self._rows.items() for p in names})
-        self.masks = {name: mask.cpu() for name, mask in _broadcast(new).items()}
+            # In the groups' order, the same on every rank: each full_tensor is a collective.
+            names = list(dict.fromkeys(s.param for group in self._groups for s in group.slices))
+            full = {name: _full(self._params[name]).detach() for name in names}
+            removed = G.choose(self._groups, full, target, norm=self.norm, previous=self.removed)
+            self.removed = broadcast_object(removed)
+            shapes = {name: self._params[name].shape for name in names}
+            self.masks = G.group_masks(self._groups, self.removed, shapes)
         self.sparsity = target
         self.pruned_steps.append(state.step)
-        self.validated_since_pruning = False
         self._install()
         self.apply()
         state.log(
@@ -268,6 +334,9 @@ class Pruning(Callback):
                 "pruning/target_sparsity": target,
             }
         )
+        if target >= self.final:
+            self.final_step = state.step
+            self._stages.add(state, "pruned", f"{self.method} {self.final:.0%}", self._deployed)
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -288,122 +357,79 @@ class Pruning(Callback):
                 )
             self._local[name] = local
 
-    # ------------------------------------------------------------------------------ report
-    def _accuracy(self, state: TrainState) -> dict[str, Any]:
-        """Accuracy now: through `state.measure` when the trainer provides it, else the latest
-        validation (none before the first one)."""
-        measure = getattr(state, "measure", None)
-        if callable(measure):
-            metrics: dict[str, Any] = {}
-            for split in ("val", "test"):
-                metrics.update(measure(split) or {})
-            return {**metrics, "step": state.step, "source": "evaluated"}
-        if "val/accuracy" not in state.metrics:
-            return {"step": state.step, "source": "no validation yet"}
-        return {
-            "val/accuracy": state.metrics["val/accuracy"],
-            "val/loss": state.metrics.get("val/loss", float("nan")),
-            "step": state.step,
-            "source": "latest validation",
-        }
+    def _find_groups(self, plain: nn.Module, example: torch.Tensor) -> None:
+        """The channel groups of the plain `model` (every rank alike: the trace is
+        deterministic); on the first call, check that shrinking them is exact."""
+        self._example = example.cpu()
+        plain = plain.cpu()
+        ignored = _ignored_layers(plain, self.exclude)
+        self._groups, self._skipped = G.channel_groups(plain, self._example, ignored)
+        if not self._groups:
+            reasons = "; ".join(f"{root}: {why}" for root, why in self._skipped.items())
+            raise ValueError(
+                f"pruning: {type(plain).__name__} has no channel group to prune structurally"
+                + (f" ({reasons})" if reasons else f" (exclude={self.exclude})")
+            )
+        if not self._checked:
+            weights = dict(plain.named_parameters())
+            check_exact(plain, self._groups, G.choose(self._groups, weights, 0.5), self._example)
+            self._checked = True
 
-    def _report(self, state: TrainState) -> dict[str, Any]:
-        after = None
-        if callable(getattr(state, "measure", None)) or self.validated_since_pruning:
-            after = self._accuracy(state)
+    # ------------------------------------------------------------------------------ report
+    def _deployed(self, plain: nn.Module) -> tuple[nn.Module, Callable[[Path], Path]]:
+        """The pruned model as deployed and how its artifact is written: structured, the shrunk
+        model (`save_pruned`); unstructured, the full state dict with its zeros."""
+        if self.method == "structured":
+            small = check_exact(plain, self._groups, self.removed, self._example).eval()
+            return small, lambda path: save_pruned(path, small, self.removed, self._example)
+
+        def write(path: Path) -> Path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(plain.state_dict(), path)
+            return path
+
+        return plain, write
+
+    def _summary(self, state: TrainState) -> dict[str, Any]:
+        """What this callback did, beyond the report's rows: sparsity per layer, parameters,
+        sizes, and (structured) the shrunk model's shapes. Every rank computes it."""
         weights = full_state_dict(state.model)  # a collective under FSDP2: every rank
-        report: dict[str, Any] = {
+        summary: dict[str, Any] = {
             "method": self.method,
-            "scope": self.scope,
-            "schedule": self.schedule,
             "target_sparsity": self.final,
             "pruned_at_steps": list(self.pruned_steps),
+            **size_report(weights, self._weights),
         }
-        if state.is_global_zero:
-            report.update(size_report(weights, self._weights))
-            measured = self._measure(state.model, weights)
-            if "size_bytes_shrunk" in measured:
-                report["size_bytes"]["shrunk"] = measured.pop("size_bytes_shrunk")
-            report.update(measured)
-            report["accuracy"] = {"before": self.before, "after": after}
-            report["accuracy_note"] = (
-                "test/accuracy in summary.json is measured after fit, on the pruned model"
-            )
-        if several_ranks():
-            box = [report]
-            dist.broadcast_object_list(box, src=0)  # every rank logs the same report
-            report = box[0]
-        return report
-
-    def _measure(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Rank 0: latency of the pruned model on dense kernels, the shrunk model (structured),
-        and the exported files."""
-        out: dict[str, Any] = {"latency_ms": {}, "files": {}}
-        plain = plain_copy(model, weights).eval()
-        shrunk = None
         if self.method == "structured":
-            try:
-                shrunk = shrink(plain).eval()
-            except ValueError as err:
-                out["shrink_skipped"] = str(err)
-        example = _example(plain, self.latency_batch)
-        if example is not None:
-            try:
-                with torch.no_grad():
-                    reference = plain(example)
-            except Exception as err:  # an input the model cannot take (e.g. token ids)
-                out["latency_skipped"] = f"no example input: {err}"
-                example = None
-        if shrunk is not None and example is not None:
-            with torch.no_grad():
-                if not torch.allclose(shrunk(example), reference, rtol=1e-4, atol=1e-5):
-                    out["shrink_skipped"] = "the shrunk model's outputs differ; not exported"
-                    shrunk = None
-        if shrunk is not None:
-            out["shrunk_params"] = parameter_count(shrunk)
-            out["shrunk_shapes"] = {k: list(v.shape) for k, v in shrunk.state_dict().items()}
-            out["size_bytes_shrunk"] = sum(
-                t.numel() * t.element_size() for t in shrunk.state_dict().values()
-            )
-        if example is not None and self.latency_repeats > 0:
-            out["latency_batch"] = self.latency_batch
-            out["latency_ms"]["dense"] = cpu_latency_ms(plain, example, self.latency_repeats)
-            if shrunk is not None:
-                out["latency_ms"]["shrunk"] = cpu_latency_ms(shrunk, example, self.latency_repeats)
-        if self.report_dir is not None:
-            self.report_dir.mkdir(parents=True, exist_ok=True)
-            if self.export:
-                torch.save(weights, self.report_dir / MODEL_FILE)
-                out["files"]["pruned_model"] = str(self.report_dir / MODEL_FILE)
-                if shrunk is not None:
-                    torch.save(shrunk.state_dict(), self.report_dir / SHRUNK_FILE)
-                    out["files"]["pruned_model_shrunk"] = str(self.report_dir / SHRUNK_FILE)
-            out["files"]["report"] = str(self.report_dir / REPORT_FILE)
-        return out
-
-    def write(self) -> Path | None:
-        """Write the report (rank 0's `on_fit_end` calls it; returns the path, if any)."""
-        if self.report_dir is None or not self.report:
-            return None
-        return write_report(self.report, self.report_dir / REPORT_FILE)
+            summary["removed"] = dict(self.removed)
+            summary["groups_skipped"] = dict(self._skipped)
+            if state.is_global_zero:  # the same on every rank: the shapes come from `removed`
+                small = shrink(plain_copy(state.model, weights), self.removed, self._example)
+                summary["shrunk_params"] = parameter_count(small)
+                summary["shrunk_shapes"] = {k: list(v.shape) for k, v in small.state_dict().items()}
+                summary["size_bytes"]["shrunk"] = sum(
+                    t.numel() * t.element_size() for t in small.state_dict().values()
+                )
+            summary = broadcast_object(summary)
+        return summary
 
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {
             "masks": {name: mask.clone() for name, mask in self.masks.items()},
+            "removed": {root: list(channels) for root, channels in self.removed.items()},
             "sparsity": self.sparsity,
             "pruned_steps": list(self.pruned_steps),
-            "before": self.before,
-            "validated_since_pruning": self.validated_since_pruning,
+            "final_step": self.final_step,
             "finished": self.finished,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.masks = {name: mask.bool().cpu() for name, mask in state["masks"].items()}
+        self.removed = {root: [int(c) for c in cs] for root, cs in state["removed"].items()}
         self.sparsity = float(state["sparsity"])
         self.pruned_steps = [int(s) for s in state["pruned_steps"]]
-        self.before = state["before"]
-        self.validated_since_pruning = bool(state["validated_since_pruning"])
+        self.final_step = state["final_step"]
         self.finished = bool(state["finished"])
         if self._params:  # loaded after on_fit_start: hold the new masks at once
             self._install()
@@ -422,6 +448,17 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _ignored_layers(model: nn.Module, exclude: Sequence[str]) -> list[str]:
+    """Layers whose output channels stay: the output layer (its rows are classes) and those
+    matching `exclude`."""
+    layers = [
+        n for n, m in model.named_modules() if isinstance(m, (*M.PRUNABLE, nn.MultiheadAttention))
+    ]
+    patterns = [re.compile(p) for p in exclude]
+    last = [n for n, m in model.named_modules() if isinstance(m, M.PRUNABLE)][-1:]
+    return sorted({*last, *(n for n in layers if any(p.search(n) for p in patterns))})
+
+
 def _broadcast(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rank 0's masks on every rank (in the dict's order, the same on every rank)."""
     if not several_ranks():
@@ -432,12 +469,3 @@ def _broadcast(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dist.broadcast(data, src=0)
         out[name] = data.bool()
     return out
-
-
-def _example(model: nn.Module, batch: int) -> torch.Tensor | None:
-    """A fixed random float batch shaped like the model's `input_shape` (reference models)."""
-    shape = getattr(model, "input_shape", None)
-    if not shape or batch < 1:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *shape, generator=generator)

@@ -1,13 +1,14 @@
-"""Pure functions: which weights are pruned, their masks, and the cubic sparsity schedule.
+"""Pure functions: which weights are pruned, unstructured masks, and the cubic sparsity schedule
+(structured masks follow channel groups: `trainer.pruning.graph`).
 
 The ranking math is PyTorch's own (`torch.nn.utils.prune`): `L1Unstructured.compute_mask` drops the
-`k` smallest |w| of a tensor and `LnStructured.compute_mask` drops the `k` rows/channels of smallest
-Ln norm. Nothing here installs `torch.nn.utils.prune`'s forward-pre-hook reparametrization
+`k` smallest |w| of a tensor. Nothing here installs `torch.nn.utils.prune`'s forward-pre-hook reparametrization
 (`weight_orig` * `weight_mask`): masks are plain boolean tensors (True = kept) that the caller holds
 and multiplies into the weights, which keeps DDP's and FSDP2's parameters untouched.
 
 Masks are exact: the number pruned is torch's `round(sparsity * count)` per layer (`scope="layer"`)
-or over all selected weights together (`scope="global"`: one magnitude threshold for every layer).
+or over all selected weights together (`scope="global"`: one magnitude threshold for every layer);
+structured pruning counts units of a channel group with the same rounding (`pruned_count`).
 Given `previous` masks, only entries still alive are ranked and the new mask never revives a pruned
 entry, so gradual pruning is monotone and the pruned count is still exact.
 """
@@ -20,8 +21,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 from torch.nn.utils import prune
-
-from trainer.compress.batchnorm import batchnorm_pairs
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 METHODS = ("unstructured", "structured")
@@ -45,27 +44,6 @@ def prunable_layers(
         layers = layers[:-1]
     patterns = [re.compile(p) for p in exclude]
     return [(n, m) for n, m in layers if not any(p.search(n) for p in patterns)]
-
-
-def row_parameters(
-    model: nn.Module, layers: Sequence[tuple[str, nn.Module]]
-) -> dict[str, list[str]]:
-    """Structured pruning: {a layer's weight name: the 1-D parameters whose entry i belongs to
-    its row / output channel i}: the layer's bias, and the weight and bias of the BatchNorm that
-    reads its output (`batchnorm_pairs`). Masked with the row, they make a pruned channel exactly
-    zero after the BatchNorm too, which would otherwise turn its zeros into the constant
-    `beta - gamma * mean / sqrt(var + eps)`."""
-    norms = batchnorm_pairs(model)
-    out = {}
-    for name, layer in layers:
-        names = [f"{name}.bias"] if layer.bias is not None else []
-        if name in norms:  # an affine BatchNorm has both; affine=False has neither
-            norm = model.get_submodule(norms[name])
-            names += [
-                f"{norms[name]}.{p}" for p in ("weight", "bias") if getattr(norm, p) is not None
-            ]
-        out[f"{name}.weight"] = names
-    return out
 
 
 def pruned_count(sparsity: float, total: int) -> int:
@@ -117,54 +95,6 @@ def unstructured_masks(
             offset += count
             masks[n] = mask.view_as(weights[n])
     return masks
-
-
-def structured_masks(
-    weights: Mapping[str, torch.Tensor],
-    sparsity: float,
-    *,
-    norm: float = 2,
-    dim: int = 0,
-    previous: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Masks removing whole slices along `dim` (dim 0: output rows of a Linear, output channels of
-    a Conv) of smallest Ln norm; `round(sparsity * size(dim))` slices per layer."""
-    previous = previous or {}
-    masks: dict[str, torch.Tensor] = {}
-    for name, w in weights.items():
-        w = w.detach()
-        size = w.shape[dim]
-        if name in previous:
-            other = [d for d in range(w.dim()) if d != dim]
-            alive = previous[name].to(w.device).bool().any(dim=other) if other else previous[name]
-        else:
-            alive = torch.ones(size, dtype=torch.bool, device=w.device)
-        extra = max(pruned_count(sparsity, size) - int((~alive).sum()), 0)
-        index = alive.nonzero().flatten()
-        verdict = torch.ones(index.numel(), dtype=torch.bool, device=w.device)
-        if extra:
-            # Rank only the slices still alive: torch's LnStructured on them.
-            sub = w.index_select(dim, index).float()
-            kept = prune.LnStructured(amount=extra, n=norm, dim=dim).compute_mask(
-                sub, torch.ones_like(sub)
-            )
-            # Each slice of `kept` is all ones or all zeros: read one entry per slice.
-            verdict = kept.movedim(dim, 0).flatten(1)[:, 0].bool()
-        rows = torch.zeros(size, dtype=torch.bool, device=w.device)
-        rows[index] = verdict
-        shape = [1] * w.dim()
-        shape[dim] = size
-        masks[name] = rows.view(shape).expand_as(w).clone()
-    return masks
-
-
-def row_masks(masks: Mapping[str, torch.Tensor], dim: int = 0) -> dict[str, torch.Tensor]:
-    """The 1-D keep-vector along `dim` of structured masks (to mask the matching biases)."""
-    out = {}
-    for name, mask in masks.items():
-        other = [d for d in range(mask.dim()) if d != dim]
-        out[name] = mask.any(dim=other) if other else mask
-    return out
 
 
 def sparsity_of(masks: Mapping[str, torch.Tensor]) -> float:

@@ -1,4 +1,4 @@
-"""The pruning report: sparsity per layer and overall, parameters, size on disk, CPU latency.
+"""The pruning summary: sparsity per layer and overall, parameters, size on disk, CPU latency.
 
 Size is counted three ways: `dense` (every parameter stored, zeros included), `sparse_csr` (each
 pruned weight as a CSR matrix of its rows, `torch.sparse_csr_tensor` with int32 indices; everything
@@ -10,14 +10,11 @@ runs faster.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,10 +125,3 @@ def flat_metrics(report: Mapping[str, Any], prefix: str = "pruning/") -> dict[st
     for name, layer in report.get("layers", {}).items():
         walk(layer["sparsity"], f"layer/{name}")
     return out
-
-
-def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path

@@ -1,55 +1,33 @@
-"""Export of a pruned model: its full state dict, and a physically smaller copy for structured pruning.
-
-`shrink(model)` removes the hidden units / channels whose weights and bias are all zero, together
-with the matching input columns of the next layer, so that a structurally pruned model really runs
-fewer multiply-adds. It follows chains of layers the way the reference `MLP` (`net`) and `CNN`
-(`features` then `classifier`) run them: Linear/Conv layers separated by modules that map zero to
-zero (ReLU, pooling, dropout, flatten), each layer optionally followed by its BatchNorm, whose
-entries go with the layer's units. The output layer keeps all its outputs.
+"""Export of a pruned model: its full state dict gathered from any wrapper, and the physically
+smaller model of structured pruning and its file.
 
 `full_state_dict` and `plain_copy` gather the full weights of a model wrapped by DDP or sharded by
 FSDP2 (DTensor parameters): both are collectives under FSDP2, so every rank must call them.
+
+`shrink` removes the chosen channels of each group (`trainer.pruning.graph`) by replaying them on
+Torch-Pruning's graph. Torch-Pruning does not update a model's own head count: `shrink` sets
+`nn.MultiheadAttention`'s (heads are removed whole, so a forward that splits heads by their size,
+as `trainer.models.attention` does, needs nothing), and `check_exact` compares the shrunk model's
+outputs with the masked model's, naming the module where they differ. `save_pruned` writes the
+shrunk model without pickling code (its state dict, the removed channels of each group and an
+example input); `load_pruned` rebuilds it from a fresh dense model.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from trainer.compress.batchnorm import batchnorm_pairs
 from trainer.distributed.parallelize import unwrap
-from trainer.pruning.masks import PRUNABLE
+from trainer.pruning.graph import ChannelGroup, dependency_graph, group_masks, masked_copy
 
-# Modules that map an all-zero channel to an all-zero channel (so a dead unit can be removed).
-ZERO_PRESERVING = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Dropout,
-    nn.Identity,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-)
-
+ARTIFACT_FORMAT = "hooktrain.pruned_model.v1"
 
 # ----------------------------------------------------------------------------------- gathering
 
@@ -129,127 +107,127 @@ def export(model: nn.Module, path: str | os.PathLike, write: bool = True) -> Pat
 # ----------------------------------------------------------------------------------- shrinking
 
 
-def _chain(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, leaf) in the order the reference models run them: children in order,
-    Sequentials expanded."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Sequential):
-            yield from _chain(child, f"{prefix}{name}.")
-        elif len(list(child.children())) == 0:
-            yield prefix + name, child
-        else:
+def shrink(
+    model: nn.Module, removed: Mapping[str, Sequence[int]], example: torch.Tensor
+) -> nn.Module:
+    """A smaller copy of a plain `model` without the `removed` channels of each group (replayed on
+    Torch-Pruning's graph), with the head counts of its attention modules set to match."""
+    small = copy.deepcopy(model)
+    training = small.training
+    heads = _head_counts(small)
+    graph = dependency_graph(small, example)
+    for module in heads:
+        module.num_heads = 1  # Torch-Pruning asserts embed_dim % num_heads; set right below
+    for root, channels in removed.items():
+        if channels:
+            module = small.get_submodule(root)
+            handler = graph.get_pruner_of_module(module).prune_out_channels
+            graph.get_pruning_group(module, handler, list(channels)).prune(record_history=False)
+    _set_head_counts(heads)
+    small.train(training)
+    return small
+
+
+def _head_counts(model: nn.Module) -> dict[nn.MultiheadAttention, int]:
+    """{attention module: its head size} before shrinking."""
+    return {m: m.head_dim for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _set_head_counts(heads: Mapping[nn.MultiheadAttention, int]) -> None:
+    """Torch-Pruning leaves `num_heads` as it was and divides the kept width by it: whole heads
+    were removed, so the head size stays and the count is the kept width over it. (A module's
+    own head count elsewhere is not known here: `check_exact` refuses it, naming the module.)"""
+    for module, head_dim in heads.items():
+        module.head_dim = head_dim
+        module.num_heads = module.embed_dim // head_dim
+
+
+def check_exact(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    removed: Mapping[str, Sequence[int]],
+    example: torch.Tensor,
+) -> nn.Module:
+    """The shrunk model, after checking that it computes the masked model's outputs on
+    `example`; ValueError naming the module of the first group where it does not."""
+    masks = group_masks(groups, removed, {n: p.shape for n, p in model.named_parameters()})
+    small = shrink(model, removed, example)
+    if _max_difference(masked_copy(model, masks), small, example) is None:
+        return small
+    for group in groups:  # find the culprit: one group at a time
+        alone = {group.root: removed.get(group.root, [])}
+        mask = group_masks([group], alone, {n: p.shape for n, p in model.named_parameters()})
+        gap = _max_difference(masked_copy(model, mask), shrink(model, alone, example), example)
+        if gap is not None:
+            culprit = _culprit(model, group)
             raise ValueError(
-                f"shrink: cannot follow {type(child).__name__} {name!r}; shrink supports chains "
-                "of Sequentials of layers (the reference MLP and CNN)"
+                f"structured pruning: removing the channels of {culprit} (the group of "
+                f"{group.root!r}: {', '.join(group.members)}) changes the model's outputs (max abs "
+                f"difference {gap:.3g}): its forward depends on their count (e.g. a head count of "
+                f"its own); add {group.root!r} to callbacks.pruning.exclude"
             )
-
-
-def _smaller(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    if isinstance(layer, nn.Linear):
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    else:
-        if layer.groups != 1:
-            raise ValueError("shrink: grouped convolutions are not supported")
-        new = type(layer)(
-            weight.shape[1],
-            weight.shape[0],
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            bias=bias is not None,
-            padding_mode=layer.padding_mode,
-        )
-    new = new.to(dtype=weight.dtype, device=weight.device)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    new.train(layer.training)
-    return new
-
-
-def _smaller_norm(norm: _BatchNorm, rows: torch.Tensor) -> _BatchNorm:
-    """The BatchNorm of the kept `rows`: their weight, bias and running statistics."""
-    new = type(norm)(
-        rows.numel(),
-        eps=norm.eps,
-        momentum=norm.momentum,
-        affine=norm.affine,
-        track_running_stats=norm.track_running_stats,
+    raise ValueError(
+        "structured pruning: the shrunk model's outputs differ from the masked model's"
     )
-    state = {k: v[rows] if v.dim() == 1 else v for k, v in norm.state_dict().items()}
-    new.load_state_dict(state, assign=True)  # num_batches_tracked (0-dim) as it is
-    new.train(norm.training)
-    return new
 
 
-def shrink(model: nn.Module) -> nn.Module:
-    """A smaller copy of a plain (unwrapped, unsharded) `model` without its dead units.
+def _culprit(model: nn.Module, group: ChannelGroup) -> str:
+    """The group's attention module (its own head count is the usual cause), else its root."""
+    for name in group.members:
+        owner = name.rpartition(".")[0]
+        for candidate in (name, owner):
+            module = model.get_submodule(candidate)
+            if isinstance(module, nn.MultiheadAttention) or hasattr(module, "num_heads"):
+                return f"{type(module).__name__} {candidate!r}"
+    return f"{type(model.get_submodule(group.root)).__name__} {group.root!r}"
 
-    A unit (Linear row, Conv output channel) is dead when its weights and its bias are all zero:
-    its activation is then zero everywhere, so it and the next layer's columns that read it can be
-    removed without changing any output. When a BatchNorm reads the layer's output
-    (`batchnorm_pairs`), the unit is dead when that BatchNorm's weight and bias for it are zero
-    (its output after the BatchNorm is zero whatever came in; a BatchNorm without them,
-    `affine=False`, keeps every unit), and the BatchNorm's entries go with it. Structured
-    pruning (its biases and BatchNorm entries masked) makes exactly such units; the result
-    computes the same function with fewer parameters.
-    """
-    model = copy.deepcopy(model)
-    chain = list(_chain(model))
-    weighted = [i for i, (_, m) in enumerate(chain) if isinstance(m, PRUNABLE)]
-    if not weighted:
-        return model
-    norms = batchnorm_pairs(model)  # layer name -> the BatchNorm that reads its output
-    keep: torch.Tensor | None = None  # kept channels of the current activation (None: all)
-    channels = 0  # channel count of the current activation before shrinking
-    flattened = False  # the current activation was flattened from (channels, *spatial)
-    for i, (name, layer) in enumerate(chain):
-        if isinstance(layer, PRUNABLE):
-            weight = layer.weight.detach()
-            bias = None if layer.bias is None else layer.bias.detach()
-            if keep is not None:
-                cols = keep
-                if flattened:  # Flatten laid out channel c as columns c*per ... (c+1)*per - 1
-                    per = weight.shape[1] // channels
-                    cols = (keep[:, None] * per + torch.arange(per, device=keep.device)).flatten()
-                weight = weight.index_select(1, cols)
-            channels = weight.shape[0]
-            norm = model.get_submodule(norms[name]) if name in norms else None
-            if i == weighted[-1]:
-                rows = torch.arange(channels, device=weight.device)
-            else:
-                if norm is None:
-                    dead = (weight.flatten(1) == 0).all(dim=1)
-                    if bias is not None:
-                        dead &= bias == 0
-                elif norm.affine:
-                    dead = (norm.weight == 0) & (norm.bias == 0)
-                else:
-                    dead = torch.zeros(channels, dtype=torch.bool, device=weight.device)
-                rows = (~dead).nonzero().flatten()
-                if rows.numel() == 0:  # a fully dead layer: keep one (dead) unit for valid shapes
-                    rows = torch.zeros(1, dtype=torch.long, device=weight.device)
-            model.set_submodule(
-                name,
-                _smaller(layer, weight.index_select(0, rows), None if bias is None else bias[rows]),
-            )
-            if norm is not None:
-                model.set_submodule(norms[name], _smaller_norm(norm, rows))
-            keep, flattened = rows, False
-        elif name in norms.values():
-            continue  # shrunk with its layer, above
-        elif isinstance(layer, nn.Flatten):
-            if (layer.start_dim, layer.end_dim) != (1, -1):
-                raise ValueError("shrink: only Flatten(start_dim=1, end_dim=-1) is supported")
-            flattened = keep is not None
-        elif not isinstance(layer, ZERO_PRESERVING):
-            raise ValueError(
-                f"shrink: {type(layer).__name__} ({name!r}) may turn a zero channel into a nonzero "
-                "one, so dead units before it cannot be removed"
-            )
-    return model
+
+@torch.no_grad()
+def _max_difference(a: nn.Module, b: nn.Module, example: torch.Tensor) -> float | None:
+    """None when `a` and `b` give the same outputs (to float rounding), else the max gap."""
+    try:
+        x, y = a.eval()(example), b.eval()(example)
+    except Exception:  # a shape that no longer fits: the forward counted the channels
+        return float("inf")
+    if x.shape != y.shape:
+        return float("inf")
+    scale = max(1.0, float(x.abs().max()))
+    gap = float((x - y).abs().max())
+    return None if gap <= 1e-4 * scale else gap
+
+
+# ----------------------------------------------------------------------------------- files
+
+
+def save_pruned(
+    path: str | os.PathLike,
+    small: nn.Module,
+    removed: Mapping[str, Sequence[int]],
+    example: torch.Tensor,
+) -> Path:
+    """Write the shrunk model without pickling code: its state dict, the removed channels of each
+    group (by root layer) and the example input its graph is traced with."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": ARTIFACT_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in small.state_dict().items()},
+        "removed": {root: [int(c) for c in channels] for root, channels in removed.items()},
+        "example": example[:1].detach().cpu(),
+    }
+    torch.save(data, path)
+    return path
+
+
+def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """The shrunk model saved by `save_pruned`, from `model`, a fresh dense model built from the
+    same config: the removal replayed, then the state dict loaded (`weights_only=True`)."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path}: not a pruned model file ({ARTIFACT_FORMAT})")
+    small = shrink(model, data["removed"], data["example"])
+    small.load_state_dict(data["state_dict"])
+    return small
 
 
 def parameter_count(model: nn.Module) -> int:
