@@ -58,6 +58,10 @@ class QuantizationAwareTraining(Quantize):
             for `Quantize`.
     """
 
+    # A Quantize callback listed after this one would quantize the fake-quantized layers: its
+    # config_order_error can refuse callbacks that set this.
+    fake_quantizes_model = True
+
     @classmethod
     def config_order_error(
         cls, node: Mapping[str, Any], earlier: Sequence[tuple[str, type]]
@@ -148,6 +152,10 @@ class QuantizationAwareTraining(Quantize):
             if state.is_global_zero:
                 log.info("qat: stopped to be resumed; the resumed run converts to int8 at its end")
             return
+        if state.step <= self.start and state.is_global_zero:  # stopped early, e.g. early stopping
+            log.warning(
+                f"qat: the fit ended at step {state.step}, before the fake-quantized epochs"
+            )
         with self._float_model(state):
             super().on_fit_end(state)
 
