@@ -1,7 +1,7 @@
 """Quantization-aware training: the last epochs train fake-quantized, then the int8 conversion.
 
-    callbacks=[progress,qat]                                   # static int8 (PT2E, x86), 1 epoch
-    callbacks.qat.mode=dynamic callbacks.qat.epochs=3          # or weight_only
+    callbacks=[progress,qat]                                   # static int8 (PT2E, x86), last 3 epochs
+    callbacks.qat.mode=dynamic callbacks.qat.epochs=5          # or weight_only
     hooktrain experiment=mnist1d_cnn_qat
 
 With E = max_epochs (or max_steps / steps_per_epoch) and f = `epochs`, the fake-quantized phase
@@ -79,7 +79,7 @@ class QuantizationAwareTraining(Quantize):
     def __init__(
         self,
         mode: str = "static",
-        epochs: int = 1,
+        epochs: int = 3,
         compare_ptq: bool = True,
         calibration_batches: int = 8,
         calibration_batch_size: int = 64,
