@@ -22,6 +22,7 @@ from trainer.callbacks.base import Callback
 from trainer.callbacks.qat import QuantizationAwareTraining
 from trainer.callbacks.quantize import SAMPLE_SEED
 from trainer.compress import qat
+from trainer.compress.quantize import load_quantized
 from trainer.errors import ConfigError
 from trainer.pruning.shrink import full_state_dict, plain_copy
 from trainer.state import TrainState
@@ -219,6 +220,9 @@ def test_the_phase_starts_at_epoch_e_minus_f_and_both_int8_models_are_ptq_of_the
         float_model.load_state_dict(full_state_dict(trainer.model))
         after = pt2e_static_reference(float_model.eval(), calibration)
         assert torch.equal(callback.quantized(x), after(x))
+        # the exported artifact loads into a plain float model of the recipe's class
+        loaded = load_quantized(tmp_path / "qat_model.pt", CNN_model())
+        assert torch.equal(loaded(x), after(x))
     assert qat.fake_quant_enabled(trainer.model)  # the trained model as it trained
 
 
