@@ -43,9 +43,10 @@ import trainer.build as build_module  # noqa: E402
 from benchmarks.common import build_each_dataset_once, machine  # noqa: E402
 from trainer.config import CheckpointConfig, DataConfig, TrainConfig  # noqa: E402
 from trainer.distributed.env import DistEnv  # noqa: E402
+from trainer.pruning import graph as G  # noqa: E402
 from trainer.pruning import masks as M  # noqa: E402
 from trainer.pruning.report import cpu_latency_ms, dense_bytes, sparse_bytes  # noqa: E402
-from trainer.pruning.shrink import parameter_count, shrink  # noqa: E402
+from trainer.pruning.shrink import check_exact, parameter_count  # noqa: E402
 
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 MODELS = {  # the recipes' model/mlp.yaml and model/cnn.yaml
@@ -99,23 +100,25 @@ def test_accuracy(trainer: Any) -> float:
     return trainer.test()["test/accuracy"]
 
 
-def masked(model: torch.nn.Module, method: str, sparsity: float) -> torch.nn.Module:
-    """A copy of `model` pruned at once, with the same mask functions the callback uses."""
+def masked(
+    model: torch.nn.Module, method: str, sparsity: float
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """A copy of `model` pruned at once with the functions the callback uses, and (structured)
+    the physically smaller model it deploys as."""
     model = copy.deepcopy(model)
-    structured = method == "structured"
-    layers = M.prunable_layers(model, structured=structured)
-    weights = {name: module.weight for name, module in layers}
-    if structured:
-        masks = M.structured_masks(weights, sparsity, norm=2)
-        rows = M.row_masks(masks)
-    else:
-        masks = M.unstructured_masks(weights, sparsity, scope="global")
+    if method == "structured":
+        example = torch.randn(2, *model.input_shape)
+        last = [n for n, _ in M.prunable_layers(model)][-1]  # the output layer stays whole
+        groups, _ = G.channel_groups(model, example, ignored=[last])
+        removed = G.choose(groups, dict(model.named_parameters()), sparsity, norm=2)
+        masks = G.group_masks(groups, removed, {n: p.shape for n, p in model.named_parameters()})
+        return G.masked_copy(model, masks), check_exact(model, groups, removed, example)
+    layers = M.prunable_layers(model)
+    masks = M.unstructured_masks({n: m.weight for n, m in layers}, sparsity, scope="global")
     with torch.no_grad():
         for name, module in layers:
             module.weight.mul_(masks[name])
-            if structured and module.bias is not None:
-                module.bias.mul_(rows[name])
-    return model
+    return model, None
 
 
 def paired_latency(models: list[torch.nn.Module], example: torch.Tensor) -> list[float]:
@@ -129,14 +132,18 @@ def paired_latency(models: list[torch.nn.Module], example: torch.Tensor) -> list
 
 
 def size_and_latency(
-    model: torch.nn.Module, dense: torch.nn.Module, method: str, example: torch.Tensor
+    model: torch.nn.Module,
+    shrunk: torch.nn.Module | None,
+    dense: torch.nn.Module,
+    method: str,
+    example: torch.Tensor,
 ) -> dict[str, Any]:
     """Size and parameters of the pruned `model` as deployed, and latency of `dense` and of it."""
     model = copy.deepcopy(model).eval()
     state = model.state_dict()
     weights = [f"{n}.weight" for n, _ in M.prunable_layers(model)]
     if method == "structured":
-        deployed = shrink(model).eval()
+        deployed = shrunk.eval()
         with torch.no_grad():
             assert torch.allclose(deployed(example), model(example), atol=1e-5)
         size, params = dense_bytes(deployed.state_dict()), parameter_count(deployed)
@@ -173,11 +180,11 @@ def sweep(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         }]  # fmt: skip
         for method, kwargs in METHODS.items():
             for s in args.sparsities:
-                pruned = masked(base.model, method, s)
+                pruned, shrunk = masked(base.model, method, s)
                 base.model.load_state_dict(pruned.state_dict())
                 oneshot = test_accuracy(base)
                 base.model.load_state_dict(start)
-                measured = size_and_latency(pruned, dense_model, method, example)
+                measured = size_and_latency(pruned, shrunk, dense_model, method, example)
                 node = {"_target_": "trainer.callbacks.pruning.Pruning", "sparsity": s,
                         "latency_repeats": 0, "export": False, **kwargs}  # fmt: skip
                 tuned = fit(

@@ -24,6 +24,7 @@ from trainer.init_weights import load_initial_weights
 from trainer.loggers.base import Logger, LoggerGroup
 from trainer.loop import Trainer
 from trainer.losses import Loss, check_loss, flat_cross_entropy
+from trainer.state import TrainState
 from trainer.targets import build
 from trainer.throughput import train_flops_per_sample
 from trainer.validation import build_callbacks, check_monitors
@@ -124,7 +125,25 @@ def build_trainer(
         checkpointer=Checkpointer(run_dir, cfg.checkpoint, cfg.resume),
         loss=loss,
     )
+    check_callback_plans(trainer.state, callbacks)
     return trainer, facts
+
+
+def check_callback_plans(state: TrainState, callbacks: list[tuple[str, Callback]]) -> None:
+    """A callback with phases at the end of the fit (`plan(max_steps, steps_per_epoch)`: pruning's
+    and quantization-aware training's epochs) refuses a fit too short for them here, before any
+    step runs, rather than at fit start."""
+    for _, callback in callbacks:
+        plan = getattr(callback, "plan", None)
+        if plan is None:
+            continue
+        try:
+            plan(state.max_steps, state.steps_per_epoch)
+        except ValueError as err:
+            message = str(err)
+            raise ConfigError(
+                message if message.startswith("callbacks.") else f"callbacks.{message}"
+            ) from None
 
 
 def build_loss(cfg: TrainConfig, env: DistEnv, mesh: DeviceMesh | None, splits: DataSplits) -> Loss:

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from trainer.build import build_data, build_trainer
-from trainer.callbacks.quantize import SAMPLE_SEED
 from trainer.compress.quantize import quantize
+from trainer.compress.samples import SAMPLE_SEED
 from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
 from trainer.distributed.env import DistEnv, distributed
 from trainer.distributed.launch import launch

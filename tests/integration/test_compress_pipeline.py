@@ -65,16 +65,15 @@ def test_compress_only_compresses_a_trained_run_without_training_it(tmp_path):
     )
     summary = json.loads((compressed / "summary.json").read_text())
     assert summary["steps"] == 0  # nothing trained: the fit-end stages only
-    # Pruning ran at the fit's end on the dense weights: its "before" is the dense model's.
-    pruning = json.loads((compressed / "pruning_report.json").read_text())
-    assert pruning["pruned_at_steps"] == [0]
-    assert abs(pruning["sparsity"] - 0.8) < 1e-3
-    assert pruning["accuracy"]["before"]["test/accuracy"] == pytest.approx(
-        json.loads((dense / "summary.json").read_text())["test/accuracy"]
-    )
+    # Pruning ran at the fit's end on the dense weights: the report's dense row is the dense run.
+    assert abs(summary["pruning/sparsity"] - 0.8) < 1e-3
     # The int8 artifact stores the zeros densely; the xz file beside it is what the report sizes,
     # and it loads to the same model.
     rows = json.loads((compressed / "compression_report.json").read_text())["rows"]
+    assert [row["stage"] for row in rows] == ["dense", "pruned", "quantized_static"]
+    assert rows[0]["test_accuracy"] == pytest.approx(
+        json.loads((dense / "summary.json").read_text())["test/accuracy"]
+    )
     [int8] = [row for row in rows if row["stage"] == "quantized_static"]
     artifact = compressed / "quantized_model.pt"
     shipped = compressed / "quantized_model.pt.xz"
@@ -115,7 +114,8 @@ def test_fine_tune_epochs_start_from_the_given_weights_at_step_zero(tmp_path):
     state = trainer.fit()
     [callback] = [c for c in trainer.callbacks if isinstance(c, Pruning)]
     assert callback.pruned_steps == [0] and state.step == trainer.state.steps_per_epoch
-    assert callback.before["val/accuracy"] == dense_val["val/accuracy"]  # the source's weights
+    dense_row = state.compression.row("dense")  # measured before pruning: the source's weights
+    assert dense_row["val_accuracy"] == dense_val["val/accuracy"]
     pruned = [m.weight for _, m in prunable_layers(trainer.model)]
     zeros = sum(int((w == 0).sum()) for w in pruned) / sum(w.numel() for w in pruned)
     assert abs(zeros - 0.8) < 0.01  # held through every fine-tune step

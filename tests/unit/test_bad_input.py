@@ -250,3 +250,21 @@ def test_a_refused_command_leaves_a_folder_it_found_as_it_was(tmp_path):
     proc = run_cli(["model.dropout=2", "logger=none", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("node", "key"),
+    [
+        ({"_target_": "trainer.callbacks.pruning.Pruning", "finetune_epochs": 3}, "pruning"),
+        (
+            {"_target_": "trainer.callbacks.qat.QuantizationAwareTraining", "epochs": 3},
+            "qat",
+        ),
+    ],
+    ids=["pruning", "qat"],
+)
+def test_end_phases_longer_than_the_fit_are_refused_when_built(tmp_path, node, key):
+    # Before: refused only at fit start, after the loggers and the process group had started.
+    cfg = make_config(callbacks={key: node}, max_epochs=2)
+    with pytest.raises(ConfigError, match=rf"^callbacks\.{key}\.\w*epochs: 3 .* exceed the 16"):
+        build_trainer(cfg, ENV, tmp_path)

@@ -20,9 +20,9 @@ from tests.pt2e_reference import pt2e_static_reference
 from trainer.build import build_trainer, check_callbacks_fit
 from trainer.callbacks.base import Callback
 from trainer.callbacks.qat import QuantizationAwareTraining
-from trainer.callbacks.quantize import SAMPLE_SEED
 from trainer.compress import qat
 from trainer.compress.quantize import load_quantized
+from trainer.compress.samples import SAMPLE_SEED
 from trainer.errors import ConfigError
 from trainer.pruning.shrink import full_state_dict, plain_copy
 from trainer.state import TrainState
@@ -281,6 +281,9 @@ def test_bad_arguments_and_models_are_one_line_naming_the_key(tmp_path):
     cfg = make_config(callbacks={**quantize_first, "qat": QAT})
     with pytest.raises(ConfigError, match=r"^callbacks\.qat: cannot follow callbacks\.quantize"):
         check_run(cfg, world_size=1)  # what the command line validates before building
+    cfg = make_config(callbacks={"qat": QAT, **quantize_first})  # quantize would take fake layers
+    with pytest.raises(ConfigError, match=r"^callbacks\.quantize: cannot follow callbacks\.qat"):
+        check_run(cfg, world_size=1)
     assert not any(tmp_path.rglob("*.pt"))
 
     dynamic = QuantizationAwareTraining(mode="dynamic")

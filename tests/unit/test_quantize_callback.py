@@ -19,8 +19,9 @@ from tests.helpers import ENV, make_config
 from tests.pt2e_reference import pt2e_static_reference
 from trainer.build import build_trainer, check_callbacks_fit
 from trainer.callbacks.base import Callback
-from trainer.callbacks.quantize import SAMPLE_SEED, Quantize
+from trainer.callbacks.quantize import Quantize
 from trainer.compress.report import JSON_FILE, PLOT_FILE, TABLE_FILE, TENSORBOARD_TAG
+from trainer.compress.samples import SAMPLE_SEED
 from trainer.errors import ConfigError
 from trainer.pruning.shrink import plain_copy
 from trainer.state import TrainState

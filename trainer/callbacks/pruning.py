@@ -46,6 +46,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.callbacks.base import Callback
 from trainer.compress.report import Timing
+from trainer.compress.samples import fixed_samples
 from trainer.distributed.env import several_ranks
 from trainer.distributed.parallelize import unwrap
 from trainer.pruning import graph as G
@@ -59,7 +60,7 @@ from trainer.pruning.shrink import (
     save_pruned,
     shrink,
 )
-from trainer.pruning.stages import Stages, broadcast_object, fixed_samples
+from trainer.pruning.stages import Stages, broadcast_object
 from trainer.state import TrainState
 
 SCHEDULES = ("oneshot", "gradual")

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, default_collate
 
 from trainer.callbacks.base import Callback
 from trainer.compress.quantize import (
@@ -46,13 +45,13 @@ from trainer.compress.quantize import (
     save_quantized,
 )
 from trainer.compress.report import CompressionReport, Timing, measure_stage
+from trainer.compress.samples import fixed_samples
 from trainer.distributed.env import several_ranks
 from trainer.errors import ConfigError
 from trainer.pruning.shrink import plain_copy
 from trainer.state import TrainState
 
 log = logging.getLogger("hooktrain")
-SAMPLE_SEED = 0  # the fixed permutation of the training set that samples are taken from
 
 
 class Quantize(Callback):
@@ -122,6 +121,20 @@ class Quantize(Callback):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.quantized: nn.Module | None = None  # the int8 model, once the fit has ended
 
+    @classmethod
+    def config_order_error(
+        cls, node: Mapping[str, Any], earlier: Sequence[tuple[str, type]]
+    ) -> str | None:
+        # After quantization-aware training the trainer's layers are fake-quantized ones, which
+        # this would quantize as they are; that callback adds the post-training row itself.
+        for name, callback in earlier:
+            if getattr(callback, "fake_quantizes_model", False):
+                return (
+                    f"cannot follow callbacks.{name}: it adds the post-training row itself "
+                    "(compare_ptq); remove this callback"
+                )
+        return None
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model with no layer this mode quantizes (before anything trains)."""
         _check_quantizable(model, self.mode)
@@ -135,8 +148,8 @@ class Quantize(Callback):
                 )
             return
         report = CompressionReport.of(state)
-        samples = self._samples(state.train_data)
-        float_model = plain_copy(state.model).eval()  # a collective under FSDP2
+        samples = self._samples(state)
+        float_model = self.float_model(state)  # a collective under FSDP2
         if not report.rows:
             dense_accuracy = _measure(state)
             self._add(
@@ -187,17 +200,19 @@ class Quantize(Callback):
             dist.broadcast_object_list(box, src=0)
         report.add(state, box[0])
 
-    def _samples(self, data: Dataset | None) -> torch.Tensor:
+    def _samples(self, state: TrainState) -> torch.Tensor:
         """Inputs of a fixed permutation of the training set: calibration batches first, and
         latency batches cut from the same samples (repeated where the set is smaller)."""
-        if data is None or len(data) == 0:
+        if state.train_data is None or len(state.train_data) == 0:
             raise ValueError("quantize: no training samples to calibrate on")
         count = max(
             self.calibration_batches * self.calibration_batch_size, max(self.timing.batch_sizes)
         )
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SAMPLE_SEED))
-        inputs, _ = default_collate([data[int(i)] for i in order[:count]])
-        return inputs.cpu()
+        return fixed_samples(state, count)
+
+    def float_model(self, state: TrainState) -> nn.Module:
+        """The plain float CPU model that is quantized and measured (a collective under FSDP2)."""
+        return plain_copy(state.model).eval()
 
 
 def _measure(state: TrainState, model: nn.Module | None = None) -> dict[str, float]:

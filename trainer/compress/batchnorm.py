@@ -9,8 +9,8 @@ Quantization folds first, so that each int8 layer carries its BatchNorm's scale.
 
 Which layer a BatchNorm follows is read from the model's data flow, a `torch.fx` trace, not from the
 order of its attributes: a BatchNorm pairs with a Conv/Linear only when it alone reads that
-layer's output and each of the two runs once per forward. Structured pruning uses the same pairs
-(trainer/pruning): a pruned channel's BatchNorm entries go with it.
+layer's output and each of the two runs once per forward. (Structured pruning finds a channel's
+BatchNorm entries through Torch-Pruning's dependency graph instead: trainer/pruning/graph.py.)
 """
 
 from __future__ import annotations

@@ -14,18 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import default_collate
 
 from trainer.compress.report import CompressionReport, Timing, measure_stage
+from trainer.compress.samples import fixed_samples
 from trainer.distributed.env import several_ranks
 from trainer.pruning.shrink import plain_copy
 from trainer.state import TrainState
 
 MODEL_FILE = "pruned_model.pt"
-SAMPLE_SEED = 0  # the fixed permutation of the training set that measured samples come from
 
 # plain model -> (the model as deployed, a function writing its artifact to a path)
 Deploy = Callable[[nn.Module], tuple[nn.Module, Callable[[Path], Path]]]
@@ -98,21 +96,6 @@ class Stages:
     def _write(self, deploy: Deploy, plain: nn.Module, scratch: Path) -> tuple[nn.Module, Path]:
         deployed, write = deploy(plain)
         return deployed, write((self.export_dir or scratch) / MODEL_FILE)
-
-
-def fixed_samples(state: TrainState, count: int, model: nn.Module) -> torch.Tensor:
-    """The first `count` inputs of a fixed permutation of the training set (the same on every
-    rank); without one, random inputs of the model's `input_shape`."""
-    data = state.train_data
-    generator = torch.Generator().manual_seed(SAMPLE_SEED)
-    if data is not None and len(data) > 0:
-        order = torch.randperm(len(data), generator=generator)
-        inputs, _ = default_collate([data[int(i)] for i in order[:count]])
-        return inputs.cpu()
-    shape = getattr(model, "input_shape", None)
-    if not shape:
-        raise ValueError("pruning: no training samples and no model.input_shape to run on")
-    return torch.randn(count, *shape, generator=generator)
 
 
 def accuracy_now(state: TrainState) -> dict[str, float]:
