@@ -46,13 +46,17 @@ def cli_env() -> dict[str, str]:
 
 
 def run_cli(
-    args: Sequence[str], cwd: str | os.PathLike[str], timeout: float = 180
+    args: Sequence[str],
+    cwd: str | os.PathLike[str],
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m trainer *args` in `cwd` (use a tmp folder) and capture its output as text."""
+    """Run `python -m trainer *args` in `cwd` (use a tmp folder) and capture its output as text;
+    `env`: variables set on top of `cli_env()`."""
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args],
         cwd=cwd,
-        env=cli_env(),
+        env={**cli_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -56,11 +56,8 @@ def launch(
     out = cwd / "out"
     key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
     started = time.perf_counter()
-    with pytest.MonkeyPatch.context() as env:  # run_cli passes os.environ on
-        env.setenv("WANDB_API_KEY", wandb_key) if wandb_key else env.delenv(
-            "WANDB_API_KEY", raising=False
-        )
-        proc = run_cli([*args, f"{key}={out}"], cwd=cwd, timeout=240)
+    env = {"WANDB_API_KEY": wandb_key} if wandb_key else None  # cli_env() drops a developer's
+    proc = run_cli([*args, f"{key}={out}"], cwd=cwd, timeout=240, env=env)
     return Run(proc, cwd, out, time.perf_counter() - started)
 
 

@@ -51,7 +51,9 @@ def test_torch_versions_named_anywhere_are_the_one_ci_tests():
         assert pins, f"{dockerfile.name} does not pin torch"
         assert {Version(a or b) for a, b in pins} == {TESTED_TORCH}, dockerfile.name
     # The dependency string (tomllib is 3.11+, the project supports 3.10).
-    (line,) = re.findall(r'^\s*"(torch\b[^"]*)"', (REPO / "pyproject.toml").read_text(), re.M)
+    (line,) = re.findall(
+        r'^\s*"(torch(?![\w-])[^"]*)"', (REPO / "pyproject.toml").read_text(), re.M
+    )
     spec = Requirement(line).specifier
     (lower,) = [Version(s.version) for s in spec if s.operator == ">="]
     # Nothing older than the tested release is allowed (its patch releases are).
