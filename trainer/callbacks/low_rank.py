@@ -108,7 +108,8 @@ class LowRank(Callback):
             f"ratio={ratio!r}",
         )
         for key, value in (("energy", energy), ("ratio", ratio)):
-            ok = value is None or (isinstance(value, (int, float)) and 0 < value <= 1)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = value is None or (number and 0 < value <= 1)
             _check(ok, key, f"must be in (0, 1], got {value!r}")
         _check(finetune_epochs >= 0, "finetune_epochs", f"must be >= 0, got {finetune_epochs}")
         _check(stage != finetuned_stage, "finetuned_stage", f"must differ from stage {stage!r}")
