@@ -192,8 +192,15 @@ def test_a_run_stopped_inside_the_finetune_and_resumed_equals_an_uninterrupted_o
     assert not (run / "factorized_model.pt").exists()
     assert [row["stage"] for row in first_state.compression.rows] == ["dense", "factorized"]
 
-    resumed = _trainer(run, checkpoint=checkpoint, resume="auto", **kw)
+    steps: list[int] = []
+
+    class Steps(Callback):
+        def on_step_start(self, state: TrainState) -> None:
+            steps.append(state.step)
+
+    resumed = _trainer(run, [Steps()], checkpoint=checkpoint, resume="auto", **kw)
     state = resumed.fit()
+    assert steps[0] == 2 * 8 + 4  # it went on from the checkpoint, inside the fine-tune
     mine, theirs = resumed.callbacks[0], straight.callbacks[0]
     assert mine.plan == theirs.plan
     for name, value in straight.model.state_dict().items():
