@@ -108,7 +108,7 @@ class LowRank(Callback):
             (energy is None) != (ratio is None),
             "energy",
             f"give exactly one of low_rank.energy or low_rank.ratio, got energy={energy!r}, "
-            f"ratio={ratio!r}",
+            f"ratio={ratio!r} (to rank by ratio, set low_rank.energy=null)",
         )
         for key, value in (("energy", energy), ("ratio", ratio)):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
