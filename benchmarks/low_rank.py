@@ -2,7 +2,7 @@
 (dense, factorized, fine-tuned) and the two ways of holding the rank while fine-tuning, for
 docs/compression.md.
 
-    python -m benchmarks.low_rank          # 6 minutes on 2 quiet CPU cores, 15 under load
+    python -m benchmarks.low_rank          # 15 minutes on 2 shared CPU cores at load 3-4
     python -m benchmarks.low_rank --workloads mnist1d_cnn --epochs-scale 0.5
 
 For each workload, the ratio is the largest of a grid whose factorization (`factorize`) of the
