@@ -27,6 +27,7 @@ reference models' largest layer (256 x 784) takes 0.25 s.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -256,6 +257,33 @@ def _left_alone(model: nn.Module, exclude: Sequence[str]) -> dict[str, str]:
     return reasons
 
 
+def _nothing_to_factorize(model: nn.Module, reasons: Mapping[str, str]) -> None:
+    why = "; ".join(f"{n or type(model).__name__}: {r}" for n, r in reasons.items())
+    raise ValueError(
+        f"{type(model).__name__}: nothing to factorize: "
+        + (why or "it has no Linear, Conv1d, Conv2d or Conv3d layer")
+    )
+
+
+def check_factorizable(
+    model: nn.Module, *, ratio: float | None = None, exclude: Sequence[str] = ()
+) -> None:
+    """Raise `factorize`'s ValueError where no layer could be factorized, judged from the module
+    tree alone (before training): no eligible layer, or (`ratio`, whose ranks the shapes fix) none
+    whose factors would pay. By energy the ranks wait for the trained spectrum; a layer where
+    even rank 1 does not pay (m + n >= m * n) is never factorized."""
+    reasons = _left_alone(model, exclude)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, FACTORIZABLE) or name in reasons:
+            continue
+        m, n = _shape(layer)
+        rank = 1 if ratio is None else rank_for_ratio(min(m, n), ratio)
+        if rank * (m + n) < m * n:
+            return
+        reasons[name] = f"rank {rank} does not pay: r*(m+n) = {rank * (m + n)} >= m*n = {m * n}"
+    _nothing_to_factorize(model, reasons)
+
+
 # ----------------------------------------------------------------------------------- entry points
 
 
@@ -323,11 +351,7 @@ def factorize(
         record.update(_costs(layer, record["rank"] if name in pairs else None, positions[name]))
         records[name] = record
     if not pairs:
-        why = "; ".join(f"{n or type(model).__name__}: {r}" for n, r in reasons.items())
-        raise ValueError(
-            f"{type(model).__name__}: nothing to factorize: "
-            + (why or "it has no Linear, Conv1d, Conv2d or Conv3d layer")
-        )
+        _nothing_to_factorize(model, reasons)
     for name, pair in pairs.items():
         _replace(model, name, pair)
     return {
@@ -363,4 +387,14 @@ def apply_plan(model: nn.Module, plan: Mapping[str, int]) -> nn.Module:
             )
     for name, rank in plan.items():
         _replace(model, name, factor_pair(model.get_submodule(name), rank))
+    return model
+
+
+def load_factorized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """A factorized model exported as {"plan": ..., "state_dict": ...} (the low-rank callback's
+    artifact) loaded into `model`, a fresh instance of the unfactorized architecture: read with
+    `torch.load(weights_only=True)` (tensors and plain values only), `apply_plan`, then the
+    weights (strict)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    apply_plan(model, saved["plan"]).load_state_dict(saved["state_dict"])
     return model
