@@ -135,7 +135,7 @@ def check_callback_plans(state: TrainState, callbacks: list[tuple[str, Callback]
     step runs, rather than at fit start."""
     for _, callback in callbacks:
         plan = getattr(callback, "plan", None)
-        if plan is None:
+        if not callable(plan):  # (low rank's `plan` is its {layer: rank} once it has one)
             continue
         try:
             plan(state.max_steps, state.steps_per_epoch)

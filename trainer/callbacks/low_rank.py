@@ -49,7 +49,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.data import Dataset, default_collate
 
 from trainer.callbacks.base import Callback
 from trainer.compress.lowrank import (
@@ -61,13 +60,13 @@ from trainer.compress.lowrank import (
     svd,
 )
 from trainer.compress.report import CompressionReport, Timing, measure_stage
+from trainer.compress.samples import fixed_samples
 from trainer.distributed.env import several_ranks
 from trainer.distributed.parallelize import unwrap
 from trainer.pruning.shrink import plain_copy
 from trainer.state import TrainState
 
 log = logging.getLogger("hooktrain")
-SAMPLE_SEED = 0  # the fixed permutation of the training set that samples are taken from
 
 
 class LowRank(Callback):
@@ -205,7 +204,7 @@ class LowRank(Callback):
     def _begin(self, state: TrainState) -> None:
         """Plan on rank 0 from the full weights, broadcast, and project (every rank)."""
         plain = plain_copy(state.model).eval()  # a collective under FSDP2
-        samples = _samples(state.train_data, max(self.timing.batch_sizes))
+        samples = fixed_samples(state, max(self.timing.batch_sizes))
         if not CompressionReport.of(state).rows:
             self._add_row(state, "dense", plain, note="the trained model before factorizing")
         planned = None
@@ -289,7 +288,7 @@ class LowRank(Callback):
         accuracy: dict[str, float] = {}
         for split in ("val", "test"):
             accuracy.update(state.measure(split, model) if state.measure is not None else {})
-        samples = _samples(state.train_data, max(self.timing.batch_sizes))
+        samples = fixed_samples(state, max(self.timing.batch_sizes))
         what = note or f"SVD factors at ranks {self.plan}"
 
         def measure(folder: Path) -> dict[str, Any]:
@@ -348,13 +347,3 @@ def _broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _samples(data: Dataset | None, count: int) -> torch.Tensor:
-    """`count` inputs of a fixed permutation of the training set (the same on every rank):
-    the latency batches, and the example that counts output positions and FLOPs."""
-    if data is None or len(data) == 0:
-        raise ValueError("low rank: no training samples to measure with")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SAMPLE_SEED))
-    inputs, _ = default_collate([data[int(i)] for i in order[:count]])
-    return inputs.cpu()
