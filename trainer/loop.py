@@ -16,7 +16,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,19 +32,16 @@ from trainer.distributed.env import (
     all_reduce_sum,
     any_rank,
     dtype_of,
-    several_ranks,
-    start_all_reduce_sum,
 )
 from trainer.distributed.parallelize import unwrap
+from trainer.log_window import LogWindow
 from trainer.loggers.base import Logger
 from trainer.losses import CrossEntropy, Loss, flat_cross_entropy
 from trainer.metrics import (
     EPOCH,
     SKIPPED_STEPS,
-    TRAIN_GRAD_NORM,
     TRAIN_LOSS,
     TRAIN_PERPLEXITY,
-    TRAIN_SPEED,
     eval_metrics,
     perplexity_metric,
 )
@@ -120,7 +117,7 @@ class Trainer:
         )
         self.save_on_stop = False  # a stop that must leave a checkpoint (signal, nonfinite=stop)
         self._stop_without_agreement = False  # nonfinite=stop: every rank asks at the same step
-        self._window = _Window()
+        self._window = LogWindow()
         self._held_row: dict[str, float] = {}  # a log step's row, while its all-reduce runs
         # Perplexity, exp(mean token cross-entropy), for models with a target per token (as the
         # throughput's tokens per sample counts them); train/perplexity only where train/loss is
@@ -137,7 +134,7 @@ class Trainer:
             with stop_on_signals(self._note_signal), _scheduled_gc(self.cfg.gc_every_steps):
                 if self._maybe_resume() and state.step >= state.max_steps:
                     return state  # a finished run resumed: nothing to train, hook or log
-                self._window = _Window()  # throughput is timed from here
+                self._window = LogWindow()  # throughput is timed from here
                 self._call("on_fit_start")
                 while state.step < state.max_steps and not state.should_stop:
                     self._train_epoch()
@@ -528,84 +525,6 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
-
-
-class _Reduction(NamedTuple):
-    """A log step's window on its way to every rank (`_Window.start_reduce`)."""
-
-    step: int
-    # [loss sum, grad norm sum], and under torchrun a 0/1 per flag, all summed in place.
-    values: torch.Tensor
-    work: Any  # the all-reduce's handle; None in one process, where nothing is reduced
-    flags: list[bool]  # this rank's own
-    count: int  # steps in the window
-    speed: float  # this rank's samples per second over the window
-
-
-class _Window:
-    """Training loss, gradient norm and throughput since the last log step. On a log step the
-    sums go to every rank with the stop flags in one asynchronous all-reduce (`start_reduce`),
-    read back by `finish_reduce`; the next window starts meanwhile. In one process nothing is
-    reduced.
-
-    train/grad_norm is the mean over the window, like train/loss beside it: every step counts
-    (the last step's alone would be one batch's norm in `log_every_steps`), at no cost per step."""
-
-    def __init__(self) -> None:
-        self.losses: list[torch.Tensor] = []  # summed on log steps: no tensor op per step
-        self.norms: list[torch.Tensor] = []
-        self.samples = 0
-        self.started = time.perf_counter()
-        self._reducing: _Reduction | None = None
-
-    @property
-    def in_flight(self) -> bool:
-        return self._reducing is not None
-
-    @property
-    def reducing_step(self) -> int:
-        return self._reducing.step
-
-    def add(self, loss: torch.Tensor, norm: torch.Tensor, samples: int) -> None:
-        self.losses.append(loss)
-        self.norms.append(norm)
-        self.samples += samples
-
-    def start_reduce(self, step: int, flags: list[bool]) -> None:
-        sums = torch.stack(
-            [torch.stack(t).sum(dtype=torch.float64) for t in (self.losses, self.norms)]
-        )
-        values, work = sums, None  # one process: nothing to reduce
-        if several_ranks():
-            # The sums, then each flag as 0/1, in one tensor for one all-reduce. The flags are
-            # written on the device: no copy from host memory to wait for.
-            values = sums.new_zeros(len(sums) + len(flags))
-            values[: len(sums)] = sums
-            for i, flag in enumerate(flags, start=len(sums)):
-                values[i] = float(flag)
-            work = start_all_reduce_sum(values)
-        now = time.perf_counter()
-        speed = self.samples / max(now - self.started, 1e-9)
-        self._reducing = _Reduction(step, values, work, flags, len(self.losses), speed)
-        self.losses, self.norms, self.samples, self.started = [], [], 0, now
-
-    def finish_reduce(self, env: DistEnv) -> tuple[dict[str, float], list[bool]]:
-        """The reduced window's metrics, and the stop flags, each true if any rank's was."""
-        reduction, self._reducing = self._reducing, None
-        if reduction.work is not None:
-            reduction.work.wait()
-        loss_sum, norm_sum, *counts = reduction.values.tolist()
-        flags = reduction.flags if reduction.work is None else [count > 0 for count in counts]
-        # Summed over all ranks. Under tensor parallelism the ranks of one group share a batch
-        # and compute the same loss, so each batch counts tp times: world = dp x tp. The norm is
-        # the same on every rank (DDP's averaged gradients, FSDP2's and TP's reduced norms).
-        steps = reduction.count * env.world_size
-        metrics = {
-            TRAIN_LOSS: loss_sum / steps,
-            TRAIN_GRAD_NORM: norm_sum / steps,
-            TRAIN_SPEED: reduction.speed,
-        }
-        return metrics, flags
 
 
 def _measure_through(trainer: weakref.ref[Trainer]) -> Callable[..., dict[str, float]]:
