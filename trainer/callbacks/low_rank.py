@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -61,7 +60,7 @@ from trainer.compress.lowrank import (
 )
 from trainer.compress.report import CompressionReport, Timing, measure_stage
 from trainer.compress.samples import fixed_samples
-from trainer.distributed.env import several_ranks
+from trainer.distributed.env import broadcast_object
 from trainer.distributed.parallelize import unwrap
 from trainer.pruning.shrink import plain_copy
 from trainer.state import TrainState
@@ -125,15 +124,9 @@ class LowRank(Callback):
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"low_rank.exclude: bad regex {pattern!r} ({err})") from None
-        try:
-            self.timing = Timing(
-                batch_sizes=tuple(latency_batches),
-                repeats=latency_repeats,
-                budget_s=latency_budget_s,
-                compiled=compiled_latency,
-            )
-        except ValueError as err:
-            raise ValueError(f"low_rank.latency: {err}") from None
+        self.timing = Timing.of_options(
+            "low_rank", latency_batches, latency_repeats, latency_budget_s, compiled_latency
+        )
         self.energy = energy
         self.ratio = ratio
         self.finetune_epochs = finetune_epochs
@@ -213,7 +206,7 @@ class LowRank(Callback):
                 planned = self._plan(plain, samples[:1])
             except ValueError as err:  # the trained spectrum pays nowhere: every rank stops
                 planned = f"low rank: {err}"
-        planned = _broadcast(planned)
+        planned = broadcast_object(planned)
         if isinstance(planned, str):
             raise ValueError(planned)
         self.plan, self.left, self.right, self.layers = planned
@@ -272,7 +265,7 @@ class LowRank(Callback):
                 layer = plain.get_submodule(name)
                 fill_factors(model.get_submodule(name), layer, *svd(layer))
             factors = model.state_dict()
-        model.load_state_dict(_broadcast(factors))
+        model.load_state_dict(broadcast_object(factors))
         return model
 
     def _add_row(
@@ -312,7 +305,7 @@ class LowRank(Callback):
                 folder = self.run_dir or Path(scratch)
                 folder.mkdir(parents=True, exist_ok=True)
                 row = measure(folder)
-        CompressionReport.of(state).add(state, _broadcast(row))
+        CompressionReport.of(state).add(state, broadcast_object(row))
 
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -338,12 +331,3 @@ class LowRank(Callback):
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ValueError(f"low_rank.{key}: {problem}")
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's `value` on every rank."""
-    if not several_ranks():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -47,7 +47,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from trainer.callbacks.base import Callback
 from trainer.compress.report import Timing
 from trainer.compress.samples import fixed_samples
-from trainer.distributed.env import several_ranks
+from trainer.distributed.env import broadcast_object, several_ranks
 from trainer.distributed.parallelize import unwrap
 from trainer.pruning import graph as G
 from trainer.pruning import masks as M
@@ -60,7 +60,7 @@ from trainer.pruning.shrink import (
     save_pruned,
     shrink,
 )
-from trainer.pruning.stages import Stages, broadcast_object
+from trainer.pruning.stages import Stages
 from trainer.state import TrainState
 
 SCHEDULES = ("oneshot", "gradual")
@@ -148,15 +148,9 @@ class Pruning(Callback):
                 raise ValueError(f"pruning.method: {err}") from None
         timing = None
         if latency_repeats:
-            try:
-                timing = Timing(
-                    batch_sizes=tuple(latency_batches),
-                    repeats=latency_repeats,
-                    budget_s=latency_budget_s,
-                    compiled=compiled_latency,
-                )
-            except ValueError as err:
-                raise ValueError(f"pruning.latency: {err}") from None
+            timing = Timing.of_options(
+                "pruning", latency_batches, latency_repeats, latency_budget_s, compiled_latency
+            )
         self.final = float(sparsity)
         self.method = method
         self.scope = scope

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from trainer.callbacks.base import Callback
@@ -46,7 +45,7 @@ from trainer.compress.quantize import (
 )
 from trainer.compress.report import CompressionReport, Timing, measure_stage
 from trainer.compress.samples import fixed_samples
-from trainer.distributed.env import several_ranks
+from trainer.distributed.env import broadcast_object
 from trainer.errors import ConfigError
 from trainer.pruning.shrink import plain_copy
 from trainer.state import TrainState
@@ -100,15 +99,9 @@ class Quantize(Callback):
             "artifact",
             f"must be a file name, got {artifact!r}",
         )
-        try:
-            self.timing = Timing(
-                batch_sizes=tuple(latency_batches),
-                repeats=latency_repeats,
-                budget_s=latency_budget_s,
-                compiled=compiled_latency,
-            )
-        except ValueError as err:
-            raise ValueError(f"quantize.latency: {err}") from None
+        self.timing = Timing.of_options(
+            "quantize", latency_batches, latency_repeats, latency_budget_s, compiled_latency
+        )
         try:
             require_torchao()  # torchao missing, too old, or on a torch older than it needs
         except ConfigError as err:
@@ -195,10 +188,7 @@ class Quantize(Callback):
         self, state: TrainState, report: CompressionReport, measure: Callable[[], dict[str, Any]]
     ) -> None:
         """Rank 0 measures the row, every rank adds the same row."""
-        box = [measure() if state.is_global_zero else None]
-        if several_ranks():
-            dist.broadcast_object_list(box, src=0)
-        report.add(state, box[0])
+        report.add(state, broadcast_object(measure() if state.is_global_zero else None))
 
     def _samples(self, state: TrainState) -> torch.Tensor:
         """Inputs of a fixed permutation of the training set: calibration batches first, and

@@ -90,6 +90,21 @@ class Timing:
                 f"{self.repeats}, {self.warmup}, {self.budget_s}"
             )
 
+    @classmethod
+    def of_options(
+        cls,
+        owner: str,
+        batch_sizes: Sequence[int],
+        repeats: int,
+        budget_s: float,
+        compiled: bool,
+    ) -> Timing:
+        """A callback's latency options; a bad one is a ValueError naming `<owner>.latency`."""
+        try:
+            return cls(tuple(batch_sizes), repeats=repeats, budget_s=budget_s, compiled=compiled)
+        except ValueError as err:
+            raise ValueError(f"{owner}.latency: {err}") from None
+
 
 # ----------------------------------------------------------------------------------- counting
 

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -176,6 +177,15 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank; itself in one process."""
+    if not several_ranks():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def dist_rank() -> int:

@@ -14,12 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from torch import nn
 
 from trainer.compress.report import CompressionReport, Timing, measure_stage
 from trainer.compress.samples import fixed_samples
-from trainer.distributed.env import several_ranks
+from trainer.distributed.env import broadcast_object
 from trainer.pruning.shrink import plain_copy
 from trainer.state import TrainState
 
@@ -122,12 +121,3 @@ def on_rank_zero(state: TrainState, work: Callable[[], Any]) -> Any:
     if kind == "error":
         raise ValueError(value)
     return value
-
-
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's `value` on every rank."""
-    if not several_ranks():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
