@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.config
 import os
+import re
 import sys
 import time
 import traceback
@@ -220,13 +222,39 @@ def _names_own_config(argv: Sequence[str]) -> bool:
 
 
 # ----------------------------------------------------------------------------- jobs
-def _launched_job(container: dict[str, Any], run_dir: str, started: float) -> dict[str, Any]:
-    """One rank of a job that `hooktrain` launched itself (parallel.nproc_per_node > 1)."""
+def _launched_job(
+    container: dict[str, Any],
+    run_dir: str,
+    started: float,
+    job_logging: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One rank of a job that `hooktrain` launched itself (parallel.nproc_per_node > 1).
+    `job_logging`: the launching process's Hydra logging config, which a spawned process does
+    not inherit (without it the loop's INFO lines, "resumed from ..." among them, are lost)."""
+    if job_logging is not None:
+        _log_like_a_torchrun_rank(job_logging)
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
     try:
         return run(cfg, Path(run_dir), started)
     except (ConfigError, CheckpointError) as err:
         _exit(err, say=False, record=True)  # the launching process says it, once
+
+
+def _log_like_a_torchrun_rank(job_logging: dict[str, Any]) -> None:
+    """Hydra's logging config, each file handler writing this rank's own log
+    (`hooktrain_rank<N>.log`, as under torchrun)."""
+    rank = os.environ.get("RANK", "0")
+    for handler in job_logging.get("handlers", {}).values():
+        if "filename" in handler:
+            handler["filename"] = re.sub(r"_rank\d+\.log$", f"_rank{rank}.log", handler["filename"])
+    logging.config.dictConfig(job_logging)
+
+
+def _job_logging() -> dict[str, Any] | None:
+    """The running Hydra job's logging config, resolved (None outside a Hydra job)."""
+    if not HydraConfig.initialized():
+        return None
+    return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True)
 
 
 _job_started = STARTED  # each job of a sweep times itself from the end of the previous one
@@ -289,7 +317,15 @@ def _launch(container: dict[str, Any], nproc: int, run_dir: str) -> dict[str, An
     `_exit`) left its one line in torchrun's error file: say that line and exit with its code."""
     try:
         codes = tuple(EXIT_CODES.values())
-        return launch(_launched_job, nproc, container, run_dir, _job_started, quiet_exits=codes)[0]
+        return launch(
+            _launched_job,
+            nproc,
+            container,
+            run_dir,
+            _job_started,
+            _job_logging(),
+            quiet_exits=codes,
+        )[0]
     except ChildFailedError as err:
         for _, failure in sorted(err.failures.items()):
             if failure.exitcode in codes and failure.message:

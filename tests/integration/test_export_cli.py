@@ -162,11 +162,15 @@ def test_two_fsdp2_ranks_write_the_weights_of_one_process(run: Path, capsys, mon
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert _summary(two)["world_size"] == 2
-    # one folder, one set of files: the launching process's log, no rank's files but shards
+    # one folder, one set of files: a log per rank as under torchrun, no rank's files but shards
     assert {p.name for p in two.iterdir()} == {
-        ".hydra", "checkpoints", "config.yaml", "hooktrain.lock", "hooktrain_rank0.log", "model.pt",
-        "summary.json",
+        ".hydra", "checkpoints", "config.yaml", "hooktrain.lock", "hooktrain_rank0.log",
+        "hooktrain_rank1.log", "model.pt", "summary.json",
     }  # fmt: skip
+    # The launched ranks log like the launching process (they lost every INFO line before):
+    # rank 0 prints the resolved config, once.
+    assert trained.stdout.count("[INFO] - config (also in") == 1
+    assert "[INFO] - config (also in" in (two / "hooktrain_rank0.log").read_text()
     sharded = torch.load(two / "model.pt", weights_only=True)
     single = torch.load(run / "model.pt", weights_only=True)
     assert sharded["state_dict"].keys() == single["state_dict"].keys()
