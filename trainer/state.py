@@ -52,6 +52,9 @@ class TrainState:
     logged_at: dict[str, int] = field(default_factory=dict)  # name -> the step it was logged at
     # One row per compression stage (trainer/compress/report.py), created by the first stage.
     compression: CompressionReport | None = None
+    # Set by a stage that changes what is deployed (structured pruning: the shrunk model): turns
+    # a plain full-weight copy of the trained model into the model later stages compress.
+    deploy: Callable[[nn.Module], nn.Module] | None = None
 
     def log(self, metrics: dict[str, float]) -> None:
         """Record metrics: they show in `metrics` at once and reach the loggers in the next log

@@ -24,7 +24,7 @@ from trainer.distributed.env import DistEnv
 from trainer.models import CNN, MLP
 from trainer.pruning import masks as M
 from trainer.pruning.report import cpu_latency_ms, csr_bytes, size_report
-from trainer.pruning.shrink import export
+from trainer.pruning.shrink import export, plain_copy
 from trainer.pruning.stages import MODEL_FILE
 from trainer.state import TrainState
 
@@ -320,6 +320,32 @@ def test_pruning_then_quantize_gives_one_row_per_stage(tmp_path):
     assert dense["nonzeros"] == dense["params"] > pruned["nonzeros"]
     table = (tmp_path / "compression_report.md").read_text()
     assert "| pruned |" in table and "| quantized_dynamic |" in table
+
+
+def test_structured_pruning_then_quantize_quantizes_the_shrunk_model(tmp_path):
+    """Before, quantize took the masked model of the dense shapes: as large and as slow as the
+    unpruned one. Now it takes the model structured pruning deploys (`state.deploy`)."""
+    pytest.importorskip("torchao")
+    from trainer.compress.quantize import quantize
+
+    prune_args = {"sparsity": 0.5, "method": "structured", "scope": "layer"}
+    cfg = _config(tmp_path, prune_args, max_epochs=1)
+    cfg.callbacks["quantize"] = {
+        "_target_": "trainer.callbacks.quantize.Quantize",
+        "mode": "dynamic",
+        **FAST_ROWS,
+    }
+    trainer, _ = build_trainer(cfg, ENV, tmp_path)
+    state = trainer.fit()
+    _, quantizer = trainer.callbacks
+    dense, pruned, int8 = state.compression.rows
+    assert int8["params"] == pruned["params"] < dense["params"]  # the shrunk model's
+    shrunk = state.deploy(plain_copy(trainer.model).eval())
+    shapes = {k: tuple(v.shape) for k, v in shrunk.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in quantizer.quantized.state_dict().items()} == shapes
+    x = torch.randn(16, *trainer.model.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # torchao applied directly to the shrunk model gives the same int8 model
+        torch.testing.assert_close(quantizer.quantized(x), quantize(shrunk, "dynamic", [])(x))
 
 
 def test_interrupted_fit_leaves_pruning_to_the_resumed_run(tmp_path):

@@ -290,6 +290,8 @@ class Pruning(Callback):
         self.apply()
         self.finished = True  # the zeros are plain zeros in the weights from now on: permanent
         self._local = {}
+        if self.method == "structured":  # a later stage (quantize) compresses the shrunk model
+            state.deploy = lambda plain: self._deployed(plain)[0]
         if self.final_step is not None and state.step > self.final_step:
             self._stages.add(state, "fine-tuned", "trained with the masks held", self._deployed)
         if self._stages.timing is None:  # no rows measured: export the final model all the same

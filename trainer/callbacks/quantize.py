@@ -201,8 +201,10 @@ class Quantize(Callback):
         return fixed_samples(state, count)
 
     def float_model(self, state: TrainState) -> nn.Module:
-        """The plain float CPU model that is quantized and measured (a collective under FSDP2)."""
-        return plain_copy(state.model).eval()
+        """The plain float CPU model that is quantized and measured (a collective under FSDP2):
+        as an earlier stage deploys it (`state.deploy`: structured pruning's shrunk model)."""
+        plain = plain_copy(state.model).eval()
+        return state.deploy(plain) if state.deploy is not None else plain
 
 
 def _measure(state: TrainState, model: nn.Module | None = None) -> dict[str, float]:
