@@ -59,7 +59,7 @@ from trainer.compress.lowrank import (
     svd,
 )
 from trainer.compress.report import CompressionReport, Timing, measure_stage
-from trainer.compress.samples import fixed_samples
+from trainer.compress.samples import evaluated, fixed_samples
 from trainer.distributed.env import broadcast_object
 from trainer.distributed.parallelize import unwrap
 from trainer.pruning.shrink import plain_copy
@@ -278,9 +278,7 @@ class LowRank(Callback):
     ) -> None:
         """Evaluate `model` on every rank; rank 0 exports and measures the row, every rank adds
         the same row."""
-        accuracy: dict[str, float] = {}
-        for split in ("val", "test"):
-            accuracy.update(state.measure(split, model) if state.measure is not None else {})
+        accuracy = evaluated(state, model)
         samples = fixed_samples(state, max(self.timing.batch_sizes))
         what = note or f"SVD factors at ranks {self.plan}"
 

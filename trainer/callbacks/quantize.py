@@ -44,7 +44,7 @@ from trainer.compress.quantize import (
     save_quantized,
 )
 from trainer.compress.report import CompressionReport, Timing, measure_stage
-from trainer.compress.samples import fixed_samples
+from trainer.compress.samples import evaluated, fixed_samples
 from trainer.distributed.env import broadcast_object
 from trainer.errors import ConfigError
 from trainer.pruning.shrink import plain_copy
@@ -144,7 +144,7 @@ class Quantize(Callback):
         samples = self._samples(state)
         float_model = self.float_model(state)  # a collective under FSDP2
         if not report.rows:
-            dense_accuracy = _measure(state)
+            dense_accuracy = evaluated(state)
             self._add(
                 state,
                 report,
@@ -160,7 +160,7 @@ class Quantize(Callback):
         size = self.calibration_batch_size
         calibration = list(samples[: self.calibration_batches * size].split(size))
         self.quantized = quantized = quantize(float_model, self.mode, calibration)
-        accuracy = _measure(state, quantized)
+        accuracy = evaluated(state, quantized)
 
         def measure_quantized() -> dict[str, Any]:
             with tempfile.TemporaryDirectory() as scratch:
@@ -205,14 +205,6 @@ class Quantize(Callback):
         as an earlier stage deploys it (`state.deploy`: structured pruning's shrunk model)."""
         plain = plain_copy(state.model).eval()
         return state.deploy(plain) if state.deploy is not None else plain
-
-
-def _measure(state: TrainState, model: nn.Module | None = None) -> dict[str, float]:
-    """The loop's val and test metrics of `model` (None: the trainer's own)."""
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        metrics.update(state.measure(split, model) if state.measure is not None else {})
-    return metrics
 
 
 def _check(ok: bool, key: str, problem: str) -> None:

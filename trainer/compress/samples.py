@@ -1,7 +1,7 @@
-"""The inputs compression stages calibrate and measure on: the first samples of one fixed
-permutation of the training set, the same on every rank and in every stage, so that rows of the
-compression report are timed on the same inputs and a quantizer calibrates on what it was
-trained on."""
+"""What compression stages calibrate and measure on: the first samples of one fixed permutation
+of the training set, the same on every rank and in every stage, so that rows of the compression
+report are timed on the same inputs and a quantizer calibrates on what it was trained on; and a
+stage model's val and test metrics through the loop's own evaluation."""
 
 from __future__ import annotations
 
@@ -27,3 +27,17 @@ def fixed_samples(state: TrainState, count: int, model: nn.Module | None = None)
     if not shape:
         raise ValueError("no training samples to calibrate or measure on")
     return torch.randn(count, *shape, generator=generator)
+
+
+def evaluated(state: TrainState, model: nn.Module | None = None) -> dict[str, float]:
+    """The val and test metrics of `model` (None: the trainer's own) through the loop's exact
+    evaluation (`state.measure`; every rank calls it). A state without one (built by hand): the
+    latest validation's metrics for the trainer's own model, none for another."""
+    if state.measure is None:
+        if model is not None:
+            return {}
+        return {k: v for k, v in state.metrics.items() if k.startswith(("val/", "test/"))}
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        metrics.update(state.measure(split, model) or {})
+    return metrics

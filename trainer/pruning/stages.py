@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from trainer.compress.report import CompressionReport, Timing, measure_stage
-from trainer.compress.samples import fixed_samples
+from trainer.compress.samples import evaluated, fixed_samples
 from trainer.distributed.env import broadcast_object
 from trainer.pruning.shrink import plain_copy
 from trainer.state import TrainState
@@ -52,7 +52,7 @@ class Stages:
         report = CompressionReport.of(state)
         if report.row(stage) is not None or (only_first and report.rows):
             return
-        accuracy = accuracy_now(state)
+        accuracy = evaluated(state)
         plain = plain_copy(state.model).eval()  # a collective under FSDP2: every rank
         samples = fixed_samples(state, max(self.timing.batch_sizes), plain)
 
@@ -95,17 +95,6 @@ class Stages:
     def _write(self, deploy: Deploy, plain: nn.Module, scratch: Path) -> tuple[nn.Module, Path]:
         deployed, write = deploy(plain)
         return deployed, write((self.export_dir or scratch) / MODEL_FILE)
-
-
-def accuracy_now(state: TrainState) -> dict[str, float]:
-    """The model's val and test metrics now: through `state.measure` (every rank), else the
-    latest validation's."""
-    if state.measure is None:
-        return {k: v for k, v in state.metrics.items() if k.startswith(("val/", "test/"))}
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        metrics.update(state.measure(split) or {})
-    return metrics
 
 
 def on_rank_zero(state: TrainState, work: Callable[[], Any]) -> Any:
