@@ -18,9 +18,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.compression_runs import FAST_LATENCY, two_rank_config
 from trainer.build import build_data, build_model, build_trainer
 from trainer.compress.lowrank import apply_plan, fill_factors, svd
-from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
+from trainer.config import TrainConfig
 from trainer.distributed.env import DistEnv, distributed
 from trainer.distributed.launch import launch
 from trainer.pruning.shrink import full_state_dict, plain_copy
@@ -36,40 +37,14 @@ CASES: dict[str, tuple[dict[str, Any], list[int]]] = {
 
 def _config(strategy: str) -> TrainConfig:
     model, shape = CASES[strategy]
-    return TrainConfig(
-        data=DataConfig(
-            dataset={
-                "_target_": "trainer.data.datasets.synthetic",
-                "num_samples": 320,  # 256 train: 128 per rank, 8 steps of 16; 32 test
-                "input_shape": shape,
-                "num_classes": 4,
-            },
-            batch_size=16,
-            eval_batch_size=8,
-        ),
-        model=model,
-        optim={"_target_": "torch.optim.AdamW", "lr": 1e-2},
-        schedule=None,
-        parallel=ParallelConfig(strategy=strategy, backend="gloo", timeout_s=60),
-        callbacks={
-            "low_rank": {
-                "_target_": "trainer.callbacks.low_rank.LowRank",
-                "energy": None,
-                "ratio": 0.4,
-                "finetune_epochs": 1,
-                "latency_batches": [1, 8],
-                "latency_repeats": 3,
-                "latency_budget_s": 0.05,
-                "compiled_latency": False,
-            }
-        },
-        logger={},
-        checkpoint=CheckpointConfig(save_final=False),
-        device="cpu",
-        max_epochs=2,
-        log_every_steps=4,
-        test_after_fit=False,
-    )
+    low_rank = {
+        "_target_": "trainer.callbacks.low_rank.LowRank",
+        "energy": None,
+        "ratio": 0.4,
+        "finetune_epochs": 1,
+        **FAST_LATENCY,
+    }
+    return two_rank_config(strategy, model, shape, {"low_rank": low_rank})
 
 
 def _probe(strategy: str) -> torch.Tensor:

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import torch
 
+from tests.compression_runs import FAST_LATENCY, two_rank_config
 from trainer.build import build_data, build_trainer
 from trainer.compress.quantize import quantize
 from trainer.compress.samples import SAMPLE_SEED
-from trainer.config import CheckpointConfig, DataConfig, ParallelConfig, TrainConfig
+from trainer.config import TrainConfig
 from trainer.distributed.env import DistEnv, distributed
 from trainer.distributed.launch import launch
 from trainer.models import CNN
@@ -39,40 +40,14 @@ PROBE = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(1))
 
 
 def _config(strategy: str, mode: str) -> TrainConfig:
-    return TrainConfig(
-        data=DataConfig(
-            dataset={
-                "_target_": "trainer.data.datasets.synthetic",
-                "num_samples": 320,  # 256 train: 128 per rank, 8 steps of 16; 32 test
-                "input_shape": SHAPE,
-                "num_classes": 4,
-            },
-            batch_size=16,
-            eval_batch_size=8,
-        ),
-        model=MODEL,
-        optim={"_target_": "torch.optim.AdamW", "lr": 1e-2},
-        schedule=None,
-        parallel=ParallelConfig(strategy=strategy, backend="gloo", timeout_s=60),
-        callbacks={
-            "quantize": {
-                "_target_": "trainer.callbacks.quantize.Quantize",
-                "mode": mode,
-                "calibration_batches": CALIBRATION[0],
-                "calibration_batch_size": CALIBRATION[1],
-                "latency_batches": [1, 8],
-                "latency_repeats": 3,
-                "latency_budget_s": 0.05,
-                "compiled_latency": False,
-            }
-        },
-        logger={},
-        checkpoint=CheckpointConfig(save_final=False),
-        device="cpu",
-        max_epochs=2,
-        log_every_steps=4,
-        test_after_fit=False,
-    )
+    quantize = {
+        "_target_": "trainer.callbacks.quantize.Quantize",
+        "mode": mode,
+        "calibration_batches": CALIBRATION[0],
+        "calibration_batch_size": CALIBRATION[1],
+        **FAST_LATENCY,
+    }
+    return two_rank_config(strategy, MODEL, SHAPE, {"quantize": quantize})
 
 
 def _one_run(strategy: str, env: DistEnv, run_dir: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from tests.compression_runs import FAST_LATENCY
 from tests.conftest import run_cli
 from tests.faults import SendSignal
 from tests.helpers import ENV, make_config
@@ -40,10 +41,7 @@ QUANTIZE = {
     "_target_": "trainer.callbacks.quantize.Quantize",
     "calibration_batches": 2,
     "calibration_batch_size": 32,
-    "latency_batches": [1, 8],
-    "latency_repeats": 3,
-    "latency_budget_s": 0.05,
-    "compiled_latency": False,
+    **FAST_LATENCY,
 }
 CNN = {"_target_": "trainer.models.CNN", "channels": [4], "hidden": 8}
 SHAPE = {"input_shape": [1, 16]}

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.compression_runs import FAST_LATENCY
 from tests.helpers import ENV, make_config
 from tests.pt2e_reference import pt2e_static_reference
 from trainer.build import build_trainer, check_callbacks_fit
@@ -37,10 +38,7 @@ QAT = {
     "epochs": 1,
     "calibration_batches": 2,
     "calibration_batch_size": 32,
-    "latency_batches": [1, 8],
-    "latency_repeats": 3,
-    "latency_budget_s": 0.05,
-    "compiled_latency": False,
+    **FAST_LATENCY,
 }
 STEPS_PER_EPOCH = 8  # 256 training samples in batches of 32
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.compression_runs import FAST_LATENCY
 from tests.helpers import ENV, make_config
 from tests.pt2e_reference import pt2e_static_reference
 from trainer.build import build_trainer, check_callbacks_fit
@@ -34,10 +35,7 @@ QUANTIZE = {
     "_target_": "trainer.callbacks.quantize.Quantize",
     "calibration_batches": 2,
     "calibration_batch_size": 32,
-    "latency_batches": [1, 8],
-    "latency_repeats": 3,
-    "latency_budget_s": 0.05,
-    "compiled_latency": False,
+    **FAST_LATENCY,
 }
 LOGGERS = {
     "jsonl": {"_target_": "trainer.loggers.jsonl.JsonlLogger"},
